@@ -1,0 +1,5 @@
+"""uckpt: distributed DeepSpeed ZeRO -> Universal checkpoint conversion."""
+__version__ = "0.1.0"
+
+from .api import convert  # noqa: E402,F401
+from .errors import CheckpointError, OutputError, UckptError, UnsupportedCheckpointError  # noqa: E402,F401

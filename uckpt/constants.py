@@ -1,0 +1,69 @@
+"""Every file and key name uckpt reads or writes, in one place.
+
+DeepSpeed's own constants are re-exported where they exist, so the meaning of a key is the one
+DeepSpeed gives it; only names DeepSpeed has no constant for are spelled here.
+"""
+from deepspeed.checkpoint.constants import (  # noqa: F401  (re-exported)
+    BASE_OPTIMIZER_STATE,
+    BF16_ZERO_FILE_PREFIX,
+    BUFFER_NAMES,
+    CAT_DIM,
+    CHECKPOINT_PARALLEL_DIMS,
+    CHECKPOINT_PP_DEGREE,
+    CHECKPOINT_TP_DEGREE,
+    DS_VERSION,
+    FP16_ZERO_FILE_PREFIX,
+    FP32_FLAT_GROUPS,
+    FP32_WEIGHT_KEY,
+    FROZEN_PARAM_FRAGMENTS,
+    FROZEN_PARAM_SHAPES,
+    GROUP_PADDINGS,
+    LAYER_FILE_PREFIX,
+    MODEL_FILE_PREFIX,
+    MODEL_FILE_SUFFIX,
+    OPTIM_FILE_SUFFIX,
+    OPTIMIZER_STATE_DICT,
+    PARAM,
+    PARAM_GROUPS,
+    PARAM_SHAPES,
+    PARAM_SLICE_MAPPINGS,
+    PARTITION_COUNT,
+    PIPELINE_REPLICATED_PARAMETER_PATTERNS,
+    SINGLE_PARTITION_OF_FP32_GROUPS,
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    AUTOTP_UNSUPPORTED_PARAMETER_PATTERNS,
+    AUTOEP_LAYERS_KEY,
+    AUTOEP_LAYERS_KEY_LEGACY,
+    ZERO_FILE_PREFIX,
+    ZERO_STAGE,
+)
+
+# Keys DeepSpeed uses without a named constant.
+MODULE_KEY = "module"  # model-state file: lp state_dict
+SHARED_PARAMS_KEY = "shared_params"  # model-state file: {alias: canonical}
+DS_CONFIG_KEY = "ds_config"
+TORCH_STATE_KEY = "state"  # torch optimizer state_dict: per-group state
+STEP_KEY = "step"
+EXP_AVG_KEY = "exp_avg"
+EXP_AVG_SQ_KEY = "exp_avg_sq"
+ZERO3_PARTITION_GROUPS_KEY = "ds_zero_partition_groups"
+ZERO3_PARTITION_COUNT_KEY = "partition_count"
+ZERO3_PARTITION_RANK_KEY = "partition_rank"
+
+# The states a Universal parameter folder holds (besides step), in DeepSpeed's write order.
+TENSOR_STATES = (FP32_WEIGHT_KEY, EXP_AVG_KEY, EXP_AVG_SQ_KEY)
+# The optimizer state keys DeepSpeed's converter extracts (spec section 6: others are dropped).
+MOMENT_STATES = (EXP_AVG_KEY, EXP_AVG_SQ_KEY)
+
+# Universal checkpoint layout.
+UNIVERSAL_ZERO_FOLDER = "zero"
+UNIVERSAL_OPTIMIZER_STATE_FILE = "optimizer_state.pt"
+LATEST_UNIVERSAL_FILE = "latest_universal"
+LATEST_FILE = "latest"
+STATE_FILE_SUFFIX = ".pt"
+
+# uckpt's own files.
+REPORT_FILE = "uckpt_report.json"
+PARTIAL_SUFFIX = ".uckpt-partial"  # output is built in <output><suffix> and renamed when complete

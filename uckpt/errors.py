@@ -1,0 +1,29 @@
+"""Errors a user can act on: which file, what is wrong, what to do."""
+from typing import Optional
+
+
+class UckptError(Exception):
+    """Base class. ``str()`` is a one-line message naming the file (if any), the problem and the fix."""
+
+    def __init__(self, problem: str, path: Optional[str] = None, fix: Optional[str] = None):
+        self.problem, self.path, self.fix = problem, path, fix
+        msg = f"{path}: {problem}" if path else problem
+        if fix:
+            msg += f" -- {fix}"
+        super().__init__(msg)
+
+
+class CheckpointError(UckptError):
+    """The input is not a checkpoint uckpt can convert (missing, truncated or inconsistent files)."""
+
+
+class UnsupportedCheckpointError(UckptError, NotImplementedError):
+    """A real checkpoint layout that uckpt does not convert yet."""
+
+
+class OutputError(UckptError):
+    """The output location cannot be used (exists, inside the input, not writable)."""
+
+
+class RemoteError(UckptError):
+    """Another converter rank failed; carries that rank's message so every rank reports the same cause."""

@@ -1,0 +1,177 @@
+"""Train a tiny model with real DeepSpeed, save a ZeRO checkpoint, or resume from a Universal one.
+
+Launched with ``torchrun`` (any world size; on CPU set ``DS_ACCELERATOR=cpu``). The global batch
+is fixed (``--global-batch``) and split evenly over the data-parallel ranks, so the loss of a step
+does not depend on the world size: a run resumed at another DP size continues the same curve.
+
+The model deliberately holds every parameter kind a converter must handle: two optimizer param
+groups (decay / no decay), a tied embedding / output head, a frozen layer, a persistent buffer
+and a zero-sized parameter.
+
+``--dump-state FILE`` writes, right after start-up (and after ``--load-dir`` when given), every
+trainable parameter's full fp32 master copy, Adam moments and step, gathered with DeepSpeed's
+own ``safe_get_full_*`` helpers, so tests can compare two resumed engines value by value.
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class TinyLM(nn.Module):
+    """Embedding -> N residual MLP blocks -> LayerNorm -> tied head."""
+
+    def __init__(self, vocab: int, hidden: int, layers: int, tied: bool = True, extras: bool = True,
+                 empty: bool = True):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+        self.extras = extras
+        if extras:
+            self.frozen = nn.Linear(hidden, hidden)
+            self.frozen.requires_grad_(False)
+            self.register_buffer("gain", torch.linspace(0.5, 1.5, hidden))
+            if empty:
+                self.empty = nn.Parameter(torch.zeros(0))
+        nn.init.normal_(self.embed.weight, std=0.1)  # tied head: keep the first logits (and loss) sane
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        if self.extras:
+            x = x + 0.1 * self.frozen(x) * self.gain.to(x.dtype)
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return self.head(self.norm(x))
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def batch(step: int, global_batch: int, seq: int, vocab: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, vocab, (global_batch, seq + 1), generator=g)
+
+
+def ds_config(args, world: int) -> dict:
+    cfg = {
+        "train_batch_size": args.global_batch,
+        "train_micro_batch_size_per_gpu": args.global_batch // world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": args.lr, "weight_decay": 0.1}},
+        "zero_optimization": {"stage": args.zero_stage},
+        "bf16": {"enabled": args.dtype == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if args.load_dir:
+        cfg["checkpoint"] = {"load_universal": args.load_universal}
+    return cfg
+
+
+def dump_state(engine, path: str):
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": None}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad or p.numel() == 0 and not hasattr(p, "ds_numel"):
+            continue
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            continue
+        out["params"][name] = full.detach().clone().cpu()
+        for key in ("exp_avg", "exp_avg_sq"):
+            s = safe_get_full_optimizer_state(p, key)
+            if s is not None:
+                out[key][name] = s.detach().clone().cpu()
+    steps = []
+    for st in engine.optimizer.optimizer.state.values():
+        if "step" in st:
+            steps.append(float(st["step"]))
+    out["step"] = steps
+    out["global_steps"] = engine.global_steps
+    if dist.get_rank() == 0:
+        torch.save(out, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--vocab", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=8)
+    ap.add_argument("--global-batch", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--no-tied", action="store_true")
+    ap.add_argument("--no-extras", action="store_true", help="plain model: no frozen / buffer / empty params")
+    ap.add_argument("--save-dir", help="save a native checkpoint here after training")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--load-dir", help="resume from this folder before training")
+    ap.add_argument("--load-tag", default=None)
+    ap.add_argument("--load-universal", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--dump-state", help="write full fp32/moments/step after start-up (rank 0)")
+    ap.add_argument("--report", help="write a JSON report of the losses (rank 0)")
+    args = ap.parse_args(argv)
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if args.global_batch % world:
+        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by world size {world}")
+
+    torch.manual_seed(0)
+    # ZeRO-3 asserts when it fetches a zero-element parameter in forward (DeepSpeed 0.19.8), so the
+    # zero-sized parameter is only part of the model under ZeRO-0/1/2.
+    model = TinyLM(args.vocab, args.hidden, args.layers, tied=not args.no_tied, extras=not args.no_extras,
+                   empty=args.zero_stage < 3)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1),
+                                           config=ds_config(args, world))
+    start = 0
+    if args.load_dir:
+        engine.load_checkpoint(args.load_dir, tag=args.load_tag)
+        start = engine.global_steps
+    if args.dump_state:
+        dump_state(engine, args.dump_state)
+
+    mb = args.global_batch // world
+    losses = []
+    for step in range(start, start + args.steps):
+        data = batch(step, args.global_batch, args.seq, args.vocab)[rank * mb:(rank + 1) * mb]
+        data = data.to(engine.device)
+        logits = engine(data[:, :-1])
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, args.vocab), data[:, 1:].reshape(-1))
+        engine.backward(loss)
+        engine.step()
+        avg = loss.detach().float().clone()
+        dist.all_reduce(avg)
+        losses.append(avg.item() / world)
+    if args.save_dir:
+        engine.save_checkpoint(args.save_dir, tag=args.tag)
+    if rank == 0:
+        print(json.dumps({"start_step": start, "losses": losses}))
+        if args.report:
+            with open(args.report, "w") as f:
+                json.dump({"start_step": start, "losses": losses, "world_size": world}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The output folder: built under ``<output>.uckpt-partial``, published by one rename when complete.
+
+An interrupted run leaves only the partial folder (never a folder that looks complete), and the
+next run removes it. ``latest_universal`` is written beside the output as DeepSpeed does, with
+the path normalised first so a trailing slash cannot produce an empty tag.
+"""
+import os
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, List
+
+import torch
+
+from . import constants as C
+from .errors import OutputError
+
+
+def normalise(path: str) -> str:
+    return os.path.abspath(os.path.normpath(path))
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = os.path.realpath(child), os.path.realpath(parent)
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_paths(input_folder: str, output_folder: str, overwrite: bool):
+    """Refuse outputs that would damage the input or silently replace a previous result."""
+    out, inp = normalise(output_folder), normalise(input_folder)
+    if _inside(out, inp):
+        raise OutputError("lies inside the input checkpoint folder", output_folder,
+                          "write the Universal checkpoint beside the input, e.g. ckpts/global_step1000_universal")
+    if _inside(inp, out):
+        raise OutputError("contains the input checkpoint folder", output_folder,
+                          "choose an output folder that does not hold the input")
+    if os.path.exists(out) and not overwrite:
+        raise OutputError("already exists", output_folder, "pass --overwrite to replace it, or choose another folder")
+
+
+class OutputFolder:
+    def __init__(self, output_folder: str, io_threads: int = 4):
+        self.final = normalise(output_folder)
+        self.partial = self.final + C.PARTIAL_SUFFIX
+        self.zero = os.path.join(self.partial, C.UNIVERSAL_ZERO_FOLDER)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="uckpt-write")
+        self._pending: List[Future] = []
+        self.bytes_written = 0
+        self.files_written = 0
+
+    # rank 0 only -------------------------------------------------------------------------
+    def prepare(self):
+        if os.path.exists(self.partial):
+            shutil.rmtree(self.partial)  # left by an interrupted run
+        os.makedirs(self.zero)
+
+    def publish(self) -> str:
+        """Move the complete partial folder into place and point ``latest_universal`` at it."""
+        old = None
+        if os.path.exists(self.final):
+            old = self.final + ".uckpt-old"
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(self.final, old)
+        os.rename(self.partial, self.final)
+        if old:
+            shutil.rmtree(old)
+        parent, tag = os.path.split(self.final)
+        latest = os.path.join(parent, C.LATEST_UNIVERSAL_FILE)
+        tmp = latest + C.PARTIAL_SUFFIX
+        with open(tmp, "w") as f:
+            f.write(tag)
+        os.replace(tmp, latest)
+        return latest
+
+    def abort(self):
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    # any rank ----------------------------------------------------------------------------
+    def save(self, obj: Any, *parts: str, nbytes: int = 0):
+        """Queue ``torch.save(obj)`` to ``<partial>/<parts...>`` on the writer threads."""
+        path = os.path.join(self.partial, *parts)
+        self.bytes_written += nbytes
+        self.files_written += 1
+        self._pending.append(self._pool.submit(_save, obj, path))
+
+    def save_param_state(self, name: str, state: str, obj: Any, nbytes: int = 0):
+        self.save(obj, C.UNIVERSAL_ZERO_FOLDER, name, state + C.STATE_FILE_SUFFIX, nbytes=nbytes)
+
+    def copy(self, src: str):
+        self.bytes_written += os.path.getsize(src)
+        self.files_written += 1
+        self._pending.append(self._pool.submit(shutil.copy2, src, self.partial))
+
+    def flush(self):
+        """Wait for queued writes; re-raise the first failure."""
+        pending, self._pending = self._pending, []
+        for fut in pending:
+            fut.result()
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+
+
+def _save(obj: Any, path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(obj, path)
