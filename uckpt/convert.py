@@ -132,10 +132,12 @@ def run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
     readers = assign_readers([s.nbytes for s in files.sources], world)
     shards: Dict[int, Any] = {}
     metas: Dict[int, Any] = {}
+    opened: List[str] = []
     with _Phase(comm, timings, "read_metadata"):
         for s in files.sources:
             if readers[s.index] == rank:
                 shards[s.index] = load_shard(s.path)
+                opened.append(s.path)
                 metas[s.index] = source_meta(s, shards[s.index], files.family)
     for part in comm.all_gather_object(metas):
         metas.update(part)
@@ -207,7 +209,7 @@ def run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
             out.flush()
         shards.clear()
         progress.update(0, 0, final=True)
-        mine = {"rank": rank, "read_bytes": read_bytes, "written_bytes": out.bytes_written,
+        mine = {"rank": rank, "opened": opened, "read_bytes": read_bytes, "written_bytes": out.bytes_written,
                 "files_written": out.files_written,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         report["ranks"] = comm.all_gather_object(mine)

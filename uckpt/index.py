@@ -5,6 +5,7 @@ raises the same error for bad input. Rules follow DeepSpeed 0.19.8's ``ds_to_uni
 (spec sections 1.5, 2.2, 2.3); deliberate differences are marked ``DIFFERENCE``.
 """
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -96,6 +97,36 @@ def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_st
     return _build_zero12(files, metas, stage, inject_missing_state)
 
 
+def _zero12_param(name, shape, optim_by_dp, lookup, metas, files) -> Optional[ParamSpec]:
+    """A ZeRO-1/2 parameter from the recorded ``param_slice_mappings`` of each DP rank (spec 1.5)."""
+    frags, offset, step, step_src = [], 0, None, None
+    for d, src in enumerate(optim_by_dp):
+        hit = lookup[d].get(name)
+        if hit is None:
+            continue
+        g, start, numel = hit
+        meta = metas[src.index]
+        frag = Fragment(src.index, g, start, numel, 0, d, offset)
+        _check_bounds(frag, meta, src.path, name)
+        frags.append(frag)
+        offset += numel
+        gm = meta.groups[g]
+        if gm.has_step:
+            if step_src is None:
+                step, step_src = gm.step, src.path
+            elif not _steps_equal(step, gm.step):
+                raise CheckpointError(f"optimizer step {gm.step} of {name!r} differs from {step} in {step_src}",
+                                      src.path, "the shards come from different saves; copy the tag folder again")
+    if not frags:
+        return None  # DeepSpeed skips a parameter without fragments; the fp32 fallback covers it
+    if offset != shape_numel(shape):
+        raise CheckpointError(f"the optimizer shards hold {offset} elements of {name!r} but its shape {tuple(shape)} "
+                              f"has {shape_numel(shape)}: a shard is missing or from another save",
+                              files.folder, "copy the complete tag folder from the training job")
+    return ParamSpec(name, tuple(shape), [tuple(shape)], frags, step, extra={C.CAT_DIM: 0},
+                     has_step=step_src is not None)
+
+
 def _build_zero12(files, metas, stage, inject) -> CheckpointIndex:
     models, optims = files.model_sources(), files.optim_sources()
     model0 = metas[models[0].index]
@@ -110,53 +141,39 @@ def _build_zero12(files, metas, stage, inject) -> CheckpointIndex:
     if tp * pp != len(models):
         raise CheckpointError(f"records pp_degree={pp} x tp_degree={tp} but the folder has {len(models)} model files",
                               models[0].path, "copy the complete tag folder from the training job")
-    if tp > 1 or pp > 1:
-        raise UnsupportedCheckpointError(f"is a tensor/pipeline-parallel checkpoint (tp={tp}, pp={pp}); uckpt converts "
-                                         "dense data-parallel checkpoints only so far", files.folder,
+    if tp > 1:
+        raise UnsupportedCheckpointError(f"is a tensor-parallel checkpoint (tp={tp}); uckpt converts data- and "
+                                         "pipeline-parallel checkpoints only so far", files.folder,
                                          "use DeepSpeed's ds_to_universal.py for this checkpoint")
     uc, injected = _uc_info(model0, models[0].path, inject)
-    if model0.param_shapes is None:
-        raise CheckpointError("has no param_shapes (saved without a ZeRO optimizer)", models[0].path,
-                              "save with ZeRO stage 1, 2 or 3")
     dp = len(optims) // len(models)
-    optim_by_dp = {s.dp: s for s in optims if s.tp == 0}
-    lookup = {}
-    for d in range(dp):
-        src = optim_by_dp[d]
-        meta: OptimMeta = metas[src.index]
-        lookup[d] = {name: (g, start, numel) for g, gm in enumerate(meta.groups) for name, (start, numel) in gm.mappings.items()}
-
+    optim_at = {(s.dp, s.tp): s for s in optims}  # (dp, mp) -> source
+    replicated = uc.get(C.PIPELINE_REPLICATED_PARAMETER_PATTERNS, [])
     params: List[ParamSpec] = []
-    for group_shapes in model0.param_shapes:
-        for name, shape in group_shapes.items():
-            frags, offset, step, step_src = [], 0, None, None
-            for d in range(dp):
-                hit = lookup[d].get(name)
-                if hit is None:
+    seen = set()
+    for pp_stage in range(pp):
+        mp = pp_stage * tp  # pp-major model-parallel rank of (stage, tp rank 0)
+        meta_m = metas[models[mp].index]
+        if meta_m.param_shapes is None:
+            raise CheckpointError("has no param_shapes (saved without a ZeRO optimizer)", models[mp].path,
+                                  "save with ZeRO stage 1, 2 or 3")
+        lookup = {}
+        for d in range(dp):
+            meta = metas[optim_at[(d, mp)].index]
+            lookup[d] = {name: (g, start, numel) for g, gm in enumerate(meta.groups)
+                         for name, (start, numel) in gm.mappings.items()}
+        for group_shapes in meta_m.param_shapes:
+            for name, shape in group_shapes.items():
+                if pp_stage > 0 and any(re.match(pat, name) for pat in replicated):
+                    continue  # DeepSpeed reads pipeline-replicated (tied) parameters from stage 0 only
+                if name in seen:
+                    # A tied parameter without a pipeline_replicated pattern: DeepSpeed keeps whichever stage's
+                    # fragments it wrote last; the replicas are kept equal by training, uckpt reads the first stage.
                     continue
-                g, start, numel = hit
-                src = optim_by_dp[d]
-                meta = metas[src.index]
-                frag = Fragment(src.index, g, start, numel, 0, d, offset)
-                _check_bounds(frag, meta, src.path, name)
-                frags.append(frag)
-                offset += numel
-                gm = meta.groups[g]
-                if gm.has_step:
-                    if step_src is None:
-                        step, step_src = gm.step, src.path
-                    elif not _steps_equal(step, gm.step):
-                        raise CheckpointError(f"optimizer step {gm.step} of {name!r} differs from {step} in {step_src}",
-                                              src.path, "the shards come from different saves; copy the tag folder again")
-            if not frags:
-                continue  # DeepSpeed skips a parameter without fragments; the fp32 fallback covers it
-            if offset != shape_numel(shape):
-                raise CheckpointError(f"the optimizer shards hold {offset} elements of {name!r} but its shape {tuple(shape)} "
-                                      f"has {shape_numel(shape)}: a shard is missing or from another save",
-                                      files.folder, "copy the complete tag folder from the training job")
-            params.append(ParamSpec(name, tuple(shape), [tuple(shape)], frags, step,
-                                    extra={C.CAT_DIM: 0}, has_step=step_src is not None))
-
+                spec = _zero12_param(name, shape, [optim_at[(d, mp)] for d in range(dp)], lookup, metas, files)
+                if spec is not None:
+                    params.append(spec)
+                    seen.add(name)
     written = {p.name for p in params}
     fallbacks, aliases = [], {}
     shared = model0.shared_params
@@ -172,8 +189,8 @@ def _build_zero12(files, metas, stage, inject) -> CheckpointIndex:
             else:
                 fallbacks.append(FallbackSpec(key, s.index))
             written.add(key)
-    return CheckpointIndex(files, "zero12", stage, 1, 1, dp, params, fallbacks, aliases, uc, injected,
-                           optim_by_dp[0].index, [s.index for s in models],
+    return CheckpointIndex(files, "zero12", stage, tp, pp, dp, params, fallbacks, aliases, uc, injected,
+                           optim_at[(0, 0)].index, [s.index for s in models],
                            global_steps=model0.global_steps, ds_version=model0.ds_version)
 
 

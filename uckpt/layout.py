@@ -16,7 +16,7 @@ ZERO12_MODEL_RE = re.compile(rf"^{C.MODEL_FILE_PREFIX}(\d+){C.MODEL_FILE_SUFFIX}
 ZERO3_MODEL_RE = re.compile(rf"^{C.ZERO_FILE_PREFIX}(\d+)_{C.MODEL_FILE_PREFIX}(\d+){C.MODEL_FILE_SUFFIX}$")
 OPTIM_RE = re.compile(rf"^(bf16_|fp16_)?{C.ZERO_FILE_PREFIX}(\d+)_{C.MODEL_FILE_PREFIX}(\d+){C.OPTIM_FILE_SUFFIX}$")
 EXPERT_RE = re.compile(rf"^layer_(\d+)_expert_(\d+)_{C.MODEL_FILE_PREFIX}(\d+){C.MODEL_FILE_SUFFIX}$")
-PIPE_LAYER_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+PIPE_LAYER_RE = re.compile(r"^layer_(\d+)(-model_(\d+))?-model_states\.pt$")
 EXPERT_OPTIM_RE = re.compile(rf"^expp_rank_(\d+)_{C.MODEL_FILE_PREFIX}(\d+){C.OPTIM_FILE_SUFFIX}$")
 
 
@@ -26,7 +26,9 @@ class CheckpointFiles:
 
     ``family`` is "zero3" when the model files are per-DP-rank (``zero_pp_rank_D_mp_rank_TT``),
     else "zero12". ``sources`` holds model files first (by mp rank, then dp), then optimizer files
-    ordered by (dp, mp) as DeepSpeed's ``sort_zero_files`` does.
+    ordered by (dp, mp) as DeepSpeed's ``sort_zero_files`` does. A source's ``tp`` field holds the
+    file's model-parallel rank ``TT`` here; the index splits it into (pp, tp) once the degrees are
+    known. Pipeline layer files are listed but never read: the weights come from the optimizer.
     """
 
     folder: str
@@ -105,10 +107,6 @@ def discover(folder: str) -> CheckpointFiles:
         raise CheckpointError("mixes optimizer files with different precision prefixes "
                               f"({', '.join(repr(p or 'none') for p in sorted(prefixes))})", folder,
                               "the folder holds files of two different saves; keep the files of one run only")
-    if layers:
-        raise UnsupportedCheckpointError(
-            "is a pipeline-parallel checkpoint (layer_*-model_* files); uckpt does not convert pipeline "
-            "checkpoints yet", folder, "use DeepSpeed's ds_to_universal.py for this checkpoint")
     if experts:
         raise UnsupportedCheckpointError(
             "holds expert files (layer_*_expert_* / expp_rank_*); uckpt does not convert MoE / AutoEP "

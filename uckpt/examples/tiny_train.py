@@ -121,6 +121,7 @@ def main(argv=None):
     ap.add_argument("--no-tied", action="store_true")
     ap.add_argument("--no-extras", action="store_true", help="plain model: no frozen / buffer / empty params")
     ap.add_argument("--save-dir", help="save a native checkpoint here after training")
+    ap.add_argument("--save-at", type=int, default=None, help="save after this many steps (default: at the end)")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--load-dir", help="resume from this folder before training")
     ap.add_argument("--load-tag", default=None)
@@ -162,7 +163,9 @@ def main(argv=None):
         avg = loss.detach().float().clone()
         dist.all_reduce(avg)
         losses.append(avg.item() / world)
-    if args.save_dir:
+        if args.save_dir and args.save_at is not None and step + 1 == args.save_at:
+            engine.save_checkpoint(args.save_dir, tag=args.tag)
+    if args.save_dir and args.save_at is None:
         engine.save_checkpoint(args.save_dir, tag=args.tag)
     if rank == 0:
         print(json.dumps({"start_step": start, "losses": losses}))

@@ -1,0 +1,114 @@
+"""Session fixtures: real DeepSpeed checkpoints (trained on CPU under torchrun), DeepSpeed's own
+Universal conversion of each, and uckpt's conversions, each built once per session and cached by
+configuration."""
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+
+from uckpt.examples import runner
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@dataclass(frozen=True)
+class Ckpt:
+    """A real checkpoint recipe: trained for ``steps`` steps, saved after ``save_at``."""
+
+    nproc: int
+    args: Tuple[str, ...]
+    module: str = "uckpt.examples.tiny_train"
+    steps: int = 5
+    save_at: int = 3
+
+
+CKPTS: Dict[str, Ckpt] = {
+    # tied embedding/head, frozen layer, buffer, zero-size param, two param groups (all tiny_train models)
+    "z2-bf16-dp4": Ckpt(4, ("--zero-stage", "2", "--dtype", "bf16")),
+    "z1-bf16-dp2": Ckpt(2, ("--zero-stage", "1", "--dtype", "bf16")),
+    "z2-fp32-dp3": Ckpt(3, ("--zero-stage", "2", "--dtype", "fp32")),  # uneven partitions
+    "z3-bf16-dp2": Ckpt(2, ("--zero-stage", "3", "--dtype", "bf16")),
+    "z3-fp32-dp3": Ckpt(3, ("--zero-stage", "3", "--dtype", "fp32")),  # uneven ZeRO-3 partitions
+    # pipeline (ZeRO-1, bf16, tied embedding across stages)
+    "pp2-dp1": Ckpt(2, ("--stages", "2"), module="uckpt.examples.pipe_train", steps=4, save_at=2),
+    "pp2-dp2": Ckpt(4, ("--stages", "2"), module="uckpt.examples.pipe_train", steps=4, save_at=2),
+}
+
+
+class Store:
+    def __init__(self, root: str):
+        self.root = root
+        self._done: Dict[tuple, object] = {}
+
+    def _once(self, key, build):
+        if key not in self._done:
+            self._done[key] = build()
+        return self._done[key]
+
+    def save_dir(self, name: str) -> str:
+        def build():
+            c = CKPTS[name]
+            out = os.path.join(self.root, name, "native")
+            runner.train(c.nproc, *c.args, "--steps", str(c.steps), "--save-at", str(c.save_at), "--save-dir", out,
+                         "--report", os.path.join(self.root, name, "reference.json"), module=c.module)
+            return out
+        return self._once(("native", name), build)
+
+    def tag(self, name: str) -> str:
+        save = self.save_dir(name)
+        with open(os.path.join(save, "latest")) as f:
+            return os.path.join(save, f.read().strip())
+
+    def reference_losses(self, name: str) -> List[float]:
+        self.save_dir(name)
+        with open(os.path.join(self.root, name, "reference.json")) as f:
+            return json.load(f)["losses"]
+
+    def ds_universal(self, name: str) -> str:
+        """DeepSpeed's ds_to_universal output; its parent holds latest_universal."""
+        def build():
+            out = os.path.join(self.root, name, "ds", "universal")
+            runner.ds_to_universal(self.tag(name), out, "--inject_missing_state")
+            return out
+        return self._once(("ds", name), build)
+
+    def uckpt_universal(self, name: str, nproc: int, *extra: str) -> str:
+        def build():
+            out = os.path.join(self.root, name, f"uckpt-n{nproc}{'-'.join(extra).replace('-', '')}", "universal")
+            runner.uckpt_convert(nproc, self.tag(name), out, "--inject_missing_state", "--quiet", *extra)
+            return out
+        return self._once(("uckpt", name, nproc, extra), build)
+
+    def resume(self, name: str, universal: str, nproc: int, *args: str, steps: int = 2):
+        """Resume from ``universal`` (via its parent's latest_universal) with load_universal; returns (state, report)."""
+        def build():
+            c = CKPTS[name]
+            key = f"{os.path.basename(os.path.dirname(universal))}-n{nproc}{''.join(args)}"
+            out = os.path.join(self.root, name, "resume", key)
+            os.makedirs(out, exist_ok=True)
+            runner.train(nproc, *(args or c.args), "--steps", str(steps), "--load-dir", os.path.dirname(universal),
+                         "--dump-state", os.path.join(out, "state.pt"), "--report", os.path.join(out, "report.json"),
+                         module=c.module)
+            with open(os.path.join(out, "report.json")) as f:
+                report = json.load(f)
+            return torch.load(os.path.join(out, "state.pt"), weights_only=False), report
+        return self._once(("resume", name, universal, nproc, args), build)
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> Store:
+    return Store(str(tmp_path_factory.mktemp("ckpts")))
+
+
+@pytest.fixture
+def copy_tag(store, tmp_path):
+    """A private copy of a real checkpoint's tag folder, to damage in error tests."""
+    def make(name: str) -> str:
+        dst = tmp_path / "input" / os.path.basename(store.tag(name))
+        shutil.copytree(store.tag(name), dst)
+        return str(dst)
+    return make

@@ -1,0 +1,92 @@
+"""Train a tiny pipeline-parallel model (DeepSpeed PipelineModule, tied embedding / head) on CPU.
+
+Same command-line shape as ``tiny_train``: ``--save-dir``, ``--load-dir`` (Universal), ``--dump-state``,
+``--report``. The world size is ``--stages`` x the data-parallel size; the global batch is fixed.
+"""
+import argparse
+import json
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .tiny_train import batch, dump_state
+
+VOCAB, HIDDEN = 64, 32
+
+
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(VOCAB, HIDDEN) * 0.1)
+
+    def forward(self, x):
+        return nn.functional.embedding(x, self.weight)
+
+
+def head_forward(module, x):
+    return x @ module.weight.t().to(x.dtype)
+
+
+def loss_fn(logits, labels):
+    return nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), labels.reshape(-1))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--global-batch", type=int, default=12)
+    ap.add_argument("--seq", type=int, default=8)
+    ap.add_argument("--save-dir")
+    ap.add_argument("--save-at", type=int, default=None, help="save after this many steps (default: at the end)")
+    ap.add_argument("--load-dir")
+    ap.add_argument("--dump-state")
+    ap.add_argument("--report")
+    args = ap.parse_args(argv)
+
+    import deepspeed
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp = world // args.stages
+    torch.manual_seed(0)
+    layers = [TiedLayerSpec("embed", Embed), LayerSpec(nn.Linear, HIDDEN, HIDDEN), LayerSpec(nn.Tanh),
+              LayerSpec(nn.Linear, HIDDEN, HIDDEN), LayerSpec(nn.LayerNorm, HIDDEN),
+              TiedLayerSpec("embed", Embed, forward_fn=head_forward)]
+    model = PipelineModule(layers=layers, num_stages=args.stages, loss_fn=loss_fn, partition_method="uniform")
+    mb = args.global_batch // dp // 2
+    cfg = {"train_batch_size": args.global_batch, "train_micro_batch_size_per_gpu": mb,
+           "gradient_accumulation_steps": 2,
+           "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
+           "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "steps_per_print": 10**9}
+    if args.load_dir:
+        cfg["checkpoint"] = {"load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=cfg)
+    if args.load_dir:
+        engine.load_checkpoint(args.load_dir)
+    if args.dump_state:
+        dump_state(engine, args.dump_state)
+    dp_rank = engine.grid.get_data_parallel_rank()
+    losses = []
+    for step in range(engine.global_steps, engine.global_steps + args.steps):
+        data = batch(step, args.global_batch, args.seq, VOCAB)
+        local = data[dp_rank * (2 * mb):(dp_rank + 1) * (2 * mb)]
+        micro = iter([(local[i * mb:(i + 1) * mb, :-1], local[i * mb:(i + 1) * mb, 1:]) for i in range(2)])
+        loss = engine.train_batch(micro)
+        losses.append(float(loss))
+        if args.save_dir and args.save_at is not None and step + 1 == args.save_at:
+            engine.save_checkpoint(args.save_dir)
+    if args.save_dir and args.save_at is None:
+        engine.save_checkpoint(args.save_dir)
+    if rank == 0 and args.report:
+        with open(args.report, "w") as f:
+            json.dump({"losses": losses, "world_size": world}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
