@@ -31,8 +31,8 @@ def param_bytes(numel: int) -> int:
 
 
 def assign_owners(index: CheckpointIndex, readers: Sequence[int], world: int) -> List[int]:
-    """Owner of each parameter, balanced by bytes; a rank that already reads most of a parameter's
-    fragments gets it when that keeps it within one parameter's size of the least-loaded rank."""
+    """Owner of each parameter, balanced by bytes (largest first onto the least-loaded rank); among
+    equally loaded ranks, the one that already reads most of the parameter's fragments."""
     load = [0] * world
     owners = [0] * len(index.params)
     for i in sorted(range(len(index.params)), key=lambda i: (-index.params[i].numel, i)):
@@ -40,9 +40,8 @@ def assign_owners(index: CheckpointIndex, readers: Sequence[int], world: int) ->
         local = [0] * world
         for f in p.fragments:
             local[readers[f.source]] += f.numel
-        least = min(range(world), key=lambda r: (load[r], r))
-        near = max(range(world), key=lambda r: (local[r], -r))
-        r = near if load[near] <= load[least] + param_bytes(p.numel) else least
+        lowest = min(load)
+        r = max((r for r in range(world) if load[r] == lowest), key=lambda r: (local[r], -r))
         owners[i] = r
         load[r] += param_bytes(p.numel)
     return owners

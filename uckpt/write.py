@@ -73,6 +73,10 @@ class OutputFolder:
         return latest
 
     def abort(self):
+        try:
+            self.flush()
+        except BaseException:  # noqa: BLE001 - already failing; the folder goes anyway
+            pass
         shutil.rmtree(self.partial, ignore_errors=True)
 
     # any rank ----------------------------------------------------------------------------
@@ -92,10 +96,20 @@ class OutputFolder:
         self._pending.append(self._pool.submit(shutil.copy2, src, self.partial))
 
     def flush(self):
-        """Wait for queued writes; re-raise the first failure."""
+        """Wait for every queued write, then re-raise the first failure.
+
+        Waiting for all of them matters: a write still in flight after a failure could recreate
+        the partial folder after the abort removed it.
+        """
         pending, self._pending = self._pending, []
+        first = None
         for fut in pending:
-            fut.result()
+            try:
+                fut.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                first = first or exc
+        if first is not None:
+            raise first
 
     def close(self):
         self._pool.shutdown(wait=True)

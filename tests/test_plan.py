@@ -1,0 +1,96 @@
+"""Plan arithmetic as pure functions: no processes, no files."""
+import pytest
+
+from uckpt.index import CheckpointIndex
+from uckpt.layout import CheckpointFiles
+from uckpt.plan import STATE_COUNT, assign_owners, assign_readers, make_plan, param_bytes
+from uckpt.shard import Fragment, ParamSpec, Source
+
+
+def make_index(n_dp=4, params=((1000,), (30, 40), (7,), (5000,)), sizes=None):
+    """A dense ZeRO-2 index: every parameter split evenly-ish over n_dp optimizer sources."""
+    sources = [Source(0, "mp_rank_00_model_states.pt", "model", nbytes=10)]
+    for d in range(n_dp):
+        sources.append(Source(1 + d, f"zero_pp_rank_{d}_optim.pt", "optim", dp=d, nbytes=(sizes or [100] * n_dp)[d]))
+    specs = []
+    for i, shape in enumerate(params):
+        numel = 1
+        for s in shape:
+            numel *= s
+        frags, off = [], 0
+        for d in range(n_dp):
+            n = numel // n_dp + (1 if d < numel % n_dp else 0)
+            if n:
+                frags.append(Fragment(1 + d, 0, 0, n, 0, d, off))
+                off += n
+        specs.append(ParamSpec(f"p{i}", tuple(shape), [tuple(shape)], frags))
+    files = CheckpointFiles("/ckpt", "zero12", sources, "")
+    return CheckpointIndex(files, "zero12", 2, 1, 1, n_dp, specs, [], {}, {}, False, 1, [0])
+
+
+def test_readers_balance_bytes():
+    assert assign_readers([10, 9, 1, 1], 2) == [0, 1, 1, 0]
+    assert assign_readers([5], 3) == [0]
+    r = assign_readers([7, 7, 7, 7, 7, 7], 3)
+    assert sorted(r.count(k) for k in range(3)) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
+def test_every_fragment_moves_exactly_once(world):
+    index = make_index()
+    plan = make_plan(index, world, budget_bytes=1 << 30)
+    moved = sorted((p, j) for w in plan.waves for pairs in w.sends.values() for p, j in pairs)
+    expected = sorted((p, j) for p, spec in enumerate(index.params) for j in range(len(spec.fragments)))
+    assert moved == expected
+    for w in plan.waves:
+        for (src, dst), pairs in w.sends.items():
+            for p, j in pairs:
+                assert plan.owners[p] == dst
+                assert plan.readers[index.params[p].fragments[j].source] == src
+    assert set(plan.readers) <= set(range(world))
+
+
+def test_owners_balanced_by_bytes():
+    index = make_index(params=[(100,)] * 8)
+    owners = assign_owners(index, assign_readers([s.nbytes for s in index.files.sources], 4), 4)
+    assert sorted(owners.count(r) for r in range(4)) == [2, 2, 2, 2]
+
+
+def test_owner_prefers_the_rank_that_reads_the_fragments():
+    # one source holds the whole parameter: its reader should own it when loads allow
+    index = make_index(n_dp=1, params=[(64,)])
+    readers = [1, 1]  # the model file and the only optimizer file are read by rank 1
+    assert assign_owners(index, readers, 2) == [1]
+
+
+def test_waves_respect_the_budget():
+    index = make_index(params=[(100,)] * 10)
+    budget = 3 * param_bytes(100)  # owner needs 2x, senders 1x in total
+    plan = make_plan(index, 2, budget)
+    assert len(plan.waves) > 1
+    for w in plan.waves:
+        use = [0, 0]
+        for p in w.params:
+            use[plan.owners[p]] += 2 * param_bytes(index.params[p].numel)
+            for f in index.params[p].fragments:
+                use[plan.readers[f.source]] += param_bytes(f.numel)
+        assert max(use) <= budget or len(w.params) == 1
+
+
+def test_parameter_larger_than_budget_gets_its_own_wave():
+    index = make_index(params=[(10,), (100000,), (10,)])
+    plan = make_plan(index, 2, budget_bytes=param_bytes(1000))
+    assert [1] in [w.params for w in plan.waves]
+
+
+def test_counts_are_consistent_between_sender_and_receiver():
+    index = make_index()
+    plan = make_plan(index, 3, 1 << 30)
+    for w in plan.waves:
+        total_sent = sum(w.count(index, s, d) for s in range(3) for d in range(3))
+        assert total_sent == STATE_COUNT * sum(index.params[p].numel for p in w.params)
+
+
+def test_plan_is_deterministic():
+    a, b = make_plan(make_index(), 3, 4096), make_plan(make_index(), 3, 4096)
+    assert a == b
