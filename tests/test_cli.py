@@ -84,3 +84,14 @@ def test_python_api_in_process(store, tmp_path):
     assert report["plan"]["waves"] > 1 and report["backend"] == "none"
     skip = lambda rel: rel == os.path.join("zero", "head.weight", "fp32.pt")  # noqa: E731
     assert compare_universal(str(out), store.ds_universal("z2-bf16-dp4"), skip=skip) == []
+
+
+def test_python_api_on_an_existing_process_group(store, tmp_path):
+    from uckpt.examples import runner
+
+    out, info = tmp_path / "pg" / "universal", tmp_path / "info.json"
+    job = os.path.join(os.path.dirname(__file__), "jobs", "api_in_process_group.py")
+    runner.run(runner.torchrun_cmd(2, [job, store.tag("z2-bf16-dp4"), str(out), str(info)]), timeout=300)
+    assert json.loads(info.read_text()) == {"world": 2, "ranks": 2, "backend": "gloo"}
+    skip = lambda rel: rel == os.path.join("zero", "head.weight", "fp32.pt")  # noqa: E731
+    assert compare_universal(str(out), store.ds_universal("z2-bf16-dp4"), skip=skip) == []

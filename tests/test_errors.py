@@ -142,7 +142,7 @@ def test_failure_while_writing_leaves_no_output(store, tmp_path, monkeypatch, ca
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(28, "No space left on device")
-        real(obj, path)
+        return real(obj, path)
 
     monkeypatch.setattr(write, "_save", flaky)
     out = str(tmp_path / "o" / "universal")

@@ -72,3 +72,13 @@ def test_fragment_outside_partition_is_an_error(store):
     g.mappings[name] = (g.fp32_numel - 1, numel)
     with pytest.raises(CheckpointError, match="lies outside optimizer group 0"):
         build_index(files, metas, inject_missing_state=True)
+
+
+@pytest.mark.parametrize("key,value", [("vocabulary_parameter_patterns", ["^embed"]),
+                                       ("tp_replicated_parameter_patterns", ["norm"])])
+def test_merge_rules_not_silently_ignored(store, key, value):
+    """DeepSpeed applies these rules even at TP=1; uckpt refuses rather than write a different layout."""
+    files, metas = _metas(store.tag("z2-fp32-dp3"))
+    metas[files.model_sources()[0].index].uc_info = {"universal_checkpoint_version": 0.4, key: value}
+    with pytest.raises(UnsupportedCheckpointError, match=f"merge rules .*{key}"):
+        build_index(files, metas)

@@ -24,7 +24,7 @@ from .layout import discover
 from .merge import alias_payload, fallback_payload, state_payload
 from .plan import ConvertPlan, Wave, assign_readers, describe, make_plan, param_bytes
 from .progress import Progress
-from .read import load_shard, source_meta, state_tensor
+from .read import forget_mapped, load_shard, release_pages, source_meta, state_tensor
 from .write import OutputFolder, check_paths
 
 
@@ -46,23 +46,39 @@ class _Phase:
         return False
 
 
+def _fragment_source(shards, index: CheckpointIndex, frag, state: str) -> torch.Tensor:
+    """The fragment's elements of ``state`` inside its (memory-mapped) shard."""
+    return state_tensor(shards[frag.source], index.family, frag.group, state).narrow(0, frag.start, frag.numel)
+
+
+def _send_counts(wave: Wave, index: CheckpointIndex, world: int, src: int, dst: int) -> int:
+    return 0 if src == dst else wave.count(index, src, dst)  # a rank's own fragments skip the exchange
+
+
 def _pack(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, shards, rank: int):
+    """This rank's fragments for other owners, in plan order, in one flat fp32 buffer."""
     world = plan.world_size
-    counts = [wave.count(index, rank, d) for d in range(world)]
+    counts = [_send_counts(wave, index, world, rank, d) for d in range(world)]
     send = torch.empty(sum(counts), dtype=torch.float32)
     pos = 0
     for d in range(world):
+        if d == rank:
+            continue
         for p, j in wave.sends.get((rank, d), ()):
             f = index.params[p].fragments[j]
             for st in C.TENSOR_STATES:
-                src = state_tensor(shards[f.source], index.family, f.group, st)
-                send[pos:pos + f.numel].copy_(src.narrow(0, f.start, f.numel))
+                src = _fragment_source(shards, index, f, st)
+                send[pos:pos + f.numel].copy_(src)
+                release_pages(src)
                 pos += f.numel
     return send, counts
 
 
-def _assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv: torch.Tensor, rank: int):
-    """Owned parameters of the wave as {param: {state: flat fp32 tensor with its own storage}}."""
+def _assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv: torch.Tensor, shards, rank: int):
+    """Owned parameters of the wave as {param: {state: flat fp32 tensor with its own storage}}.
+
+    Fragments from other ranks come from ``recv``; this rank's own are copied straight from its
+    mapped shards (with one rank, nothing is ever staged in a send buffer)."""
     out = {p: {st: torch.empty(index.params[p].numel, dtype=torch.float32) for st in C.TENSOR_STATES}
            for p in wave.params if plan.owners[p] == rank}
     pos = 0
@@ -72,8 +88,13 @@ def _assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv: torch
             f = spec.fragments[j]
             base = sum(_numel(sh) for sh in spec.tp_shapes[:f.tp]) + f.offset
             for st in C.TENSOR_STATES:
-                out[p][st][base:base + f.numel].copy_(recv[pos:pos + f.numel])
-                pos += f.numel
+                if s == rank:
+                    src = _fragment_source(shards, index, f, st)
+                    out[p][st][base:base + f.numel].copy_(src)
+                    release_pages(src)
+                else:
+                    out[p][st][base:base + f.numel].copy_(recv[pos:pos + f.numel])
+                    pos += f.numel
     return out
 
 
@@ -89,10 +110,9 @@ def _write_param(out: OutputFolder, index: CheckpointIndex, p: int, flats: Dict[
     if spec.has_step:
         out.save_param_state(spec.name, C.STEP_KEY, spec.step)
     for st in C.TENSOR_STATES:
-        out.save_param_state(spec.name, st, state_payload(spec, flats[st]), nbytes=flats[st].numel() * 4)
+        out.save_param_state(spec.name, st, state_payload(spec, flats[st]))
     for alias in aliases_of.get(spec.name, ()):
-        out.save_param_state(alias, C.FP32_WEIGHT_KEY, alias_payload(spec, flats[C.FP32_WEIGHT_KEY]),
-                             nbytes=flats[C.FP32_WEIGHT_KEY].numel() * 4)
+        out.save_param_state(alias, C.FP32_WEIGHT_KEY, alias_payload(spec, flats[C.FP32_WEIGHT_KEY]))
 
 
 def _optimizer_state(index: CheckpointIndex, sd: Dict[str, Any]) -> Dict[str, Any]:
@@ -116,6 +136,13 @@ def _optimizer_state(index: CheckpointIndex, sd: Dict[str, Any]) -> Dict[str, An
 
 def run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
     """Convert ``cfg.input_folder`` into ``cfg.output_folder`` on all ranks of ``comm``; returns the report."""
+    try:
+        return _run(cfg, comm, stream)
+    finally:
+        forget_mapped()  # the shards' mappings are gone with _run's frame
+
+
+def _run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
     stream = stream or sys.stderr
     rank, world = comm.rank, comm.world_size
     timings: Dict[str, float] = {}
@@ -180,13 +207,13 @@ def run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
         for wave in plan.waves:
             with _Phase(comm, timings, "pack"):
                 send, counts = _pack(wave, index, plan, shards, rank)
-                read_bytes += send.numel() * 4
+                read_bytes += 4 * sum(wave.count(index, rank, d) for d in range(world))
             t0 = time.monotonic()
-            recv = comm.all_to_all(send, counts, [wave.count(index, s, rank) for s in range(world)])
+            recv = comm.all_to_all(send, counts, [_send_counts(wave, index, world, s, rank) for s in range(world)])
             timings["exchange"] = timings.get("exchange", 0.0) + time.monotonic() - t0
             del send
             with _Phase(comm, timings, "merge_write"):
-                owned = _assemble(wave, index, plan, recv, rank)
+                owned = _assemble(wave, index, plan, recv, shards, rank)
                 del recv
                 for p, flats in owned.items():
                     _write_param(out, index, p, flats, aliases_of)
@@ -198,7 +225,7 @@ def run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
                 if plan.fallback_writers[i] == rank:
                     tensor = shards[fb.source][C.MODULE_KEY][fb.name]
                     read_bytes += tensor.numel() * tensor.element_size()
-                    out.save_param_state(fb.name, C.FP32_WEIGHT_KEY, fallback_payload(tensor), nbytes=tensor.numel() * 4)
+                    out.save_param_state(fb.name, C.FP32_WEIGHT_KEY, fallback_payload(tensor))
             if plan.optimizer_state_writer == rank:
                 out.save(_optimizer_state(index, shards[index.optimizer_state_source]), C.UNIVERSAL_ZERO_FOLDER,
                          C.UNIVERSAL_OPTIMIZER_STATE_FILE)
@@ -207,7 +234,6 @@ def run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
                     read_bytes += files.sources[s].nbytes
                     out.copy(files.sources[s].path)
             out.flush()
-        shards.clear()
         progress.update(0, 0, final=True)
         mine = {"rank": rank, "opened": opened, "read_bytes": read_bytes, "written_bytes": out.bytes_written,
                 "files_written": out.files_written,
@@ -225,7 +251,7 @@ def run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
         raise
     finally:
         out.close()
-    progress.log(f"done in {timings['total']:.1f}s: {len(index.params)} parameters, "
+    progress.log(f"done in {timings['total']:.2f}s: {len(index.params)} parameters, "
                  f"{sum(r['written_bytes'] for r in report['ranks']) / 2**20:.1f} MiB written -> {out.final}")
     return report
 

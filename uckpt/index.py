@@ -80,6 +80,13 @@ def _uc_info(model0: ModelMeta, path: str, inject: bool):
     if unsupported:
         details = ", ".join(f"{p}: {r}" for p, r in sorted(unsupported.items()))
         raise UnsupportedCheckpointError(f"AutoTP universal checkpoint conversion is not supported for {details}.", path)
+    rules = [k for k in C.MERGE_RULE_KEYS if uc.get(k)]
+    if rules:
+        # DeepSpeed applies these rules even at TP=1 (e.g. vocabulary rows are stripped and tagged), so
+        # writing the plain layout would differ from its output: refuse instead.
+        raise UnsupportedCheckpointError(f"carries tensor-parallel merge rules in {C.UNIVERSAL_CHECKPOINT_INFO} "
+                                         f"({', '.join(rules)}); uckpt does not apply them yet", path,
+                                         "use DeepSpeed's ds_to_universal.py for this checkpoint")
     return uc, False
 
 

@@ -20,6 +20,7 @@ class Progress:
         self.interval_s = interval_s
         self.start = time.monotonic()
         self._last = 0.0
+        self._shown = None
         self.params = self.bytes = 0
 
     def log(self, msg: str):
@@ -36,7 +37,9 @@ class Progress:
         now = time.monotonic()
         if not final and not self.tty and now - self._last < self.interval_s:
             return
-        self._last = now
+        if (self.params, self.bytes) == self._shown:
+            return
+        self._last, self._shown = now, (self.params, self.bytes)
         elapsed = max(now - self.start, 1e-9)
         rate = self.bytes / elapsed
         left = (self.total_bytes - self.bytes) / rate if rate > 0 else 0.0

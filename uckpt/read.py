@@ -4,7 +4,9 @@
 copied out, so a rank touches the bytes it forwards and nothing else. Metadata extraction
 returns plain data (``ModelMeta`` / ``OptimMeta``), which ranks exchange to build one index.
 """
+import ctypes
 import os
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -16,10 +18,55 @@ from .errors import CheckpointError, UnsupportedCheckpointError
 from .shard import Source
 
 
+def _remember_mapped(obj):
+    """Record the storages of a memory-mapped shard: only those may have their pages released."""
+    if torch.is_tensor(obj):
+        _MAPPED_PTRS.add(obj.untyped_storage().data_ptr())
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _remember_mapped(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _remember_mapped(v)
+
+
+_MAPPED_PTRS: set = set()
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:
+    _LIBC = None
+_MADV_DONTNEED = 4
+
+
+def forget_mapped():
+    """Call when the shards are dropped: an address of a freed mapping must never match a later buffer."""
+    _MAPPED_PTRS.clear()
+
+
+def release_pages(view: torch.Tensor):
+    """Drop the whole pages under ``view`` from this process's resident set once they were copied.
+
+    Only for views of memory-mapped shard files, which uckpt never writes: the kernel re-reads
+    the file if they are touched again, so this changes memory use, never values. Elsewhere a
+    no-op.
+    """
+    if _LIBC is None or view.numel() == 0 or view.untyped_storage().data_ptr() not in _MAPPED_PTRS:
+        return
+    start = view.data_ptr()
+    end = start + view.numel() * view.element_size()
+    lo = -(-start // _PAGE) * _PAGE
+    hi = end // _PAGE * _PAGE
+    if hi > lo:
+        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
 def load_shard(path: str) -> Dict[str, Any]:
     """Load a DeepSpeed shard lazily (mmap); a clear CheckpointError if it is truncated or corrupt."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        _remember_mapped(sd)
+        return sd
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         if not zipfile.is_zipfile(path):
             try:  # pre-zipfile torch.save format: cannot be mapped, read it whole
@@ -172,5 +219,3 @@ def source_meta(source: Source, sd: Dict[str, Any], family: str):
     return model_meta(sd, source.path) if source.kind == "model" else optim_meta(sd, source.path, family)
 
 
-def file_size(path: str) -> int:
-    return os.path.getsize(path)
