@@ -1,4 +1,4 @@
-"""``python -m uckpt`` / ``uckpt``: convert and plan.
+"""``python -m uckpt`` / ``uckpt``: convert, plan, inspect, verify.
 
     torchrun --nproc_per_node 4 -m uckpt convert --input_folder ckpts/global_step1000 \
         --output_folder ckpts/global_step1000_universal
@@ -57,7 +57,28 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="YAML", help="omegaconf YAML with the same keys")
         p.add_argument("--print-config", dest="print_config", action="store_true", help="print the resolved config")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. io.threads=8 memory.budget_mb=2048")
+    p = sub.add_parser("inspect", help="describe a DeepSpeed or Universal checkpoint and whether it converts")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = sub.add_parser("verify", help="check a Universal checkpoint (and, with --against, re-slice it to the source)")
+    p.add_argument("universal")
+    p.add_argument("--against", metavar="NATIVE", help="the DeepSpeed checkpoint tag folder it was converted from")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return ap
+
+
+def _inspect_or_verify(command: str, args) -> int:
+    if command == "inspect":
+        from .inspect import format_table, inspect_path
+
+        info = inspect_path(args["path"])
+        print(json.dumps(info, indent=2, default=str) if args["json"] else format_table(info))
+        return 0
+    from .verify import format_report, verify
+
+    report = verify(args["universal"], args["against"])
+    print(json.dumps(report, indent=2, default=str) if args["json"] else format_report(report))
+    return 0 if report["ok"] else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -66,6 +87,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
+    if command in ("inspect", "verify"):
+        try:
+            return _inspect_or_verify(command, args)
+        except UckptError as exc:
+            print(f"uckpt: error: {exc}", file=sys.stderr, flush=True)
+            return 2
     yaml_path = args.pop("config", None)
     print_config = args.pop("print_config", False)
     overrides = args.pop("overrides", [])

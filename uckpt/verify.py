@@ -1,0 +1,115 @@
+"""``uckpt verify``: is a Universal checkpoint complete and well-formed, and (``--against``) does
+re-slicing it to the source topology give back every fragment of the native checkpoint?
+
+Checks (spec section 5): every parameter folder has fp32 and, when it has moments, both moments
+of the same shape; values finite and ``exp_avg_sq >= 0``; one step value; ``optimizer_state.pt``
+and the model files present. Against a native checkpoint: every optimizer-owned parameter is
+present, and each fragment of every source shard equals the matching elements of the Universal
+tensor (bit for bit), and ``step`` equals the source's.
+"""
+import os
+from typing import Any, Dict, List
+
+import torch
+
+from . import constants as C
+from .errors import UckptError
+from .index import _steps_equal, build_index
+from .layout import discover
+from .read import forget_mapped, load_shard, source_meta, state_tensor
+from .universal import is_universal, list_params, load_payload, model_files, optimizer_state, payload_tensor
+
+
+def verify(universal: str, against: str = None) -> Dict[str, Any]:
+    if not is_universal(universal):
+        raise UckptError(f"is not a Universal checkpoint (no {C.UNIVERSAL_ZERO_FOLDER}/ folder)", universal,
+                         "pass the folder written by uckpt convert or ds_to_universal.py")
+    failures: List[str] = []
+    params = list_params(universal)
+    steps = set()
+    checked = 0
+    for p in params:
+        if C.FP32_WEIGHT_KEY not in p.states:
+            failures.append(f"{p.name}: no fp32.pt")
+            continue
+        fp32 = payload_tensor(load_payload(p.states[C.FP32_WEIGHT_KEY]))
+        if fp32 is None:
+            failures.append(f"{p.name}: fp32.pt holds no tensor")
+            continue
+        if fp32.is_floating_point() and not torch.isfinite(fp32).all():
+            failures.append(f"{p.name}: fp32 has non-finite values")
+        moments = [s for s in C.MOMENT_STATES if s in p.states]
+        if moments and len(moments) != len(C.MOMENT_STATES):
+            failures.append(f"{p.name}: has {', '.join(moments)} but not all of {', '.join(C.MOMENT_STATES)}")
+        for s in moments:
+            t = payload_tensor(load_payload(p.states[s]))
+            if t is None or t.shape != fp32.shape:
+                failures.append(f"{p.name}: {s} shape {None if t is None else tuple(t.shape)} != fp32 {tuple(fp32.shape)}")
+                continue
+            if not torch.isfinite(t).all():
+                failures.append(f"{p.name}: {s} has non-finite values")
+            if s == C.EXP_AVG_SQ_KEY and (t < 0).any():
+                failures.append(f"{p.name}: exp_avg_sq has negative values")
+        if C.STEP_KEY in p.states:
+            step = load_payload(p.states[C.STEP_KEY])
+            steps.add(float(step))
+        checked += 1
+    if len(steps) > 1:
+        failures.append(f"step differs across parameters: {sorted(steps)}")
+    if optimizer_state(universal) is None:
+        failures.append(f"{C.UNIVERSAL_ZERO_FOLDER}/{C.UNIVERSAL_OPTIMIZER_STATE_FILE} is missing")
+    if not model_files(universal):
+        failures.append("no *_model_states.pt file (DeepSpeed's loader needs one for its global state)")
+    fragments = 0
+    if against:
+        fragments = _against(universal, against, {p.name: p for p in params}, failures)
+    return {"universal": universal, "against": against, "params": len(params), "checked_params": checked,
+            "fragments_compared": fragments, "steps": sorted(steps), "ok": not failures, "failures": failures}
+
+
+def _against(universal: str, native: str, by_name, failures: List[str]) -> int:
+    files = discover(native)
+    shards = {s.index: load_shard(s.path) for s in files.sources}
+    try:
+        metas = {s.index: source_meta(s, shards[s.index], files.family) for s in files.sources}
+        index = build_index(files, metas, inject_missing_state=True)
+        compared = 0
+        for spec in index.params:
+            p = by_name.get(spec.name)
+            if p is None:
+                failures.append(f"{spec.name}: in the native checkpoint but has no Universal folder")
+                continue
+            for state in C.TENSOR_STATES:
+                if state not in p.states:
+                    failures.append(f"{spec.name}: no {state}.pt")
+                    continue
+                full = payload_tensor(load_payload(p.states[state]))
+                if full is None or full.numel() != spec.numel:
+                    failures.append(f"{spec.name}: {state} has {None if full is None else full.numel()} elements, "
+                                    f"the native shards {spec.numel}")
+                    continue
+                flat = full.reshape(-1)
+                for f in spec.fragments:  # TP=1: a fragment's offset is its position in the full tensor
+                    src = state_tensor(shards[f.source], index.family, f.group, state).narrow(0, f.start, f.numel)
+                    if not torch.equal(flat.narrow(0, f.offset, f.numel), src):
+                        failures.append(f"{spec.name}: {state} differs from {files.sources[f.source].path} "
+                                        f"(elements {f.start}..{f.start + f.numel} of group {f.group})")
+                    compared += 1
+            if spec.has_step:
+                step = load_payload(p.states[C.STEP_KEY]) if C.STEP_KEY in p.states else None
+                if step is None or not _steps_equal(step, spec.step):
+                    failures.append(f"{spec.name}: step {step} != native {spec.step}")
+        return compared
+    finally:
+        shards.clear()
+        forget_mapped()
+
+
+def format_report(r: Dict[str, Any]) -> str:
+    lines = [f"{'OK' if r['ok'] else 'FAILED'}: {r['universal']}: {r['checked_params']}/{r['params']} parameter "
+             f"folders checked, steps {r['steps']}" +
+             (f", {r['fragments_compared']} fragments equal to {r['against']}" if r["against"] else "")]
+    lines += [f"  - {f}" for f in r["failures"][:50]]
+    if len(r["failures"]) > 50:
+        lines.append(f"  ... and {len(r['failures']) - 50} more")
+    return "\n".join(lines)
