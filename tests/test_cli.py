@@ -95,3 +95,12 @@ def test_python_api_on_an_existing_process_group(store, tmp_path):
     assert json.loads(info.read_text()) == {"world": 2, "ranks": 2, "backend": "gloo"}
     skip = lambda rel: rel == os.path.join("zero", "head.weight", "fp32.pt")  # noqa: E731
     assert compare_universal(str(out), store.ds_universal("z2-bf16-dp4"), skip=skip) == []
+
+
+def test_print_config_shows_the_resolved_settings(tmp_path, capsys):
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    rc = cli.main(["plan", "--config", os.path.join(root, "multinode.yaml"), "--input_folder", str(tmp_path / "nope"),
+                   "--output_folder", str(tmp_path / "o"), "--print-config", "memory.budget_mb=123", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 2  # the input does not exist, but the resolved config was printed first
+    assert "budget_mb: 123" in out and "timeout_s: 1800" in out and "threads: 8" in out
