@@ -47,7 +47,9 @@ class Progress:
         line = (f"{self.params}/{self.total_params} params, {_fmt_bytes(self.bytes)}/{_fmt_bytes(self.total_bytes)} "
                 f"({pct:.0f}%), {_fmt_bytes(rate)}/s, ETA {left:.0f}s")
         if self.tty:
-            self.stream.write("\r\033[K[uckpt] " + line + ("\n" if final else ""))
+            filled = int(pct / 5)
+            bar = "[" + "#" * filled + "-" * (20 - filled) + "] "
+            self.stream.write("\r\033[K[uckpt] " + bar + line + ("\n" if final else ""))
             self.stream.flush()
         else:
             print("[uckpt] " + line, file=self.stream, flush=True)
