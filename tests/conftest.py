@@ -36,6 +36,13 @@ CKPTS: Dict[str, Ckpt] = {
     # pipeline (ZeRO-1, bf16, tied embedding across stages)
     "pp2-dp1": Ckpt(2, ("--stages", "2"), module="uckpt.examples.pipe_train", steps=4, save_at=2),
     "pp2-dp2": Ckpt(4, ("--stages", "2"), module="uckpt.examples.pipe_train", steps=4, save_at=2),
+    # AutoTP: tiny random-weight Llama (GQA, vocabulary head, replicated norms; affine maps in UC info)
+    "tp2-dp2-z2-bf16": Ckpt(4, ("--tp", "2", "--zero-stage", "2", "--dtype", "bf16"),
+                            module="uckpt.examples.autotp_train", steps=4, save_at=2),
+    "tp2-dp1-z1-fp32": Ckpt(2, ("--tp", "2", "--zero-stage", "1", "--dtype", "fp32"),
+                            module="uckpt.examples.autotp_train", steps=3, save_at=2),
+    "tp2-dp1-z3-bf16": Ckpt(2, ("--tp", "2", "--zero-stage", "3", "--dtype", "bf16"),
+                            module="uckpt.examples.autotp_train", steps=3, save_at=2),
 }
 
 
@@ -82,6 +89,17 @@ class Store:
             runner.uckpt_convert(nproc, self.tag(name), out, "--inject_missing_state", "--quiet", *extra)
             return out
         return self._once(("uckpt", name, nproc, extra), build)
+
+    def universal_pair(self, name: str, nproc: int):
+        """uckpt's and DeepSpeed's conversions, both without --inject_missing_state (AutoTP writes UC info)."""
+        def build():
+            ours = os.path.join(self.root, name, f"uckpt-plain-n{nproc}", "universal")
+            runner.uckpt_convert(nproc, self.tag(name), ours, "--quiet")
+            theirs = os.path.join(self.root, name, "ds-plain", "universal")
+            if not os.path.exists(theirs):
+                runner.ds_to_universal(self.tag(name), theirs)
+            return ours, theirs
+        return self._once(("pair", name, nproc), build)
 
     def resume(self, name: str, universal: str, nproc: int, *args: str, steps: int = 2):
         """Resume from ``universal`` (via its parent's latest_universal) with load_universal; returns (state, report)."""

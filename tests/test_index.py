@@ -74,11 +74,20 @@ def test_fragment_outside_partition_is_an_error(store):
         build_index(files, metas, inject_missing_state=True)
 
 
-@pytest.mark.parametrize("key,value", [("vocabulary_parameter_patterns", ["^embed"]),
-                                       ("tp_replicated_parameter_patterns", ["norm"])])
-def test_merge_rules_not_silently_ignored(store, key, value):
-    """DeepSpeed applies these rules even at TP=1; uckpt refuses rather than write a different layout."""
-    files, metas = _metas(store.tag("z2-fp32-dp3"))
-    metas[files.model_sources()[0].index].uc_info = {"universal_checkpoint_version": 0.4, key: value}
-    with pytest.raises(UnsupportedCheckpointError, match=f"merge rules .*{key}"):
-        build_index(files, metas)
+def test_plain_name_patterns_match_literally():
+    """DIFFERENCE from DeepSpeed's re.match: 'layers.1.' must not capture 'layers.10.'."""
+    from uckpt.tp_rules import RuleBook
+
+    names = {"layers.1.w", "layers.10.w", "layers.1.w2", "norm"}
+    book = RuleBook({"tp_replicated_parameter_patterns": ["layers.1."],
+                     "parameter_with_row_parallelism_patterns": ["layers.1.w", r"^norm$"]}, 2, names)
+    assert book.resolve("layers.1.w", [(4,), (4,)]).kind == "replicated"
+    assert book.resolve("layers.10.w", [(4,), (4,)]).kind == "cat"  # DeepSpeed: replicated
+    assert book.resolve("layers.1.w2", [(4,), (4,)]).kind == "replicated"
+    rule = BookWithoutReplicated = RuleBook({"parameter_with_row_parallelism_patterns": ["layers.1.w", r"^norm$"]},
+                                            2, names)
+    assert BookWithoutReplicated.resolve("layers.1.w2", [(4, 2)] * 2).cat_dim == 0  # exact name: itself only
+    assert rule.resolve("layers.1.w", [(4, 2)] * 2).cat_dim == 1
+    assert rule.resolve("norm", [(4, 2)] * 2).cat_dim == 1  # regex patterns as in DeepSpeed
+    import re
+    assert re.match("layers.1.", "layers.10.w")  # what DeepSpeed's matching does

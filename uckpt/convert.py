@@ -24,6 +24,7 @@ from .layout import discover
 from .merge import alias_payload, fallback_payload, state_payload
 from .plan import ConvertPlan, Wave, assign_readers, describe, make_plan, param_bytes
 from .progress import Progress
+from .shard import shape_numel
 from .read import forget_mapped, load_shard, release_pages, source_meta, state_tensor
 from .write import OutputFolder, check_paths
 
@@ -86,7 +87,7 @@ def _assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv: torch
         for p, j in wave.sends.get((s, rank), ()):
             spec = index.params[p]
             f = spec.fragments[j]
-            base = sum(_numel(sh) for sh in spec.tp_shapes[:f.tp]) + f.offset
+            base = sum(shape_numel(sh) for sh in spec.tp_shapes[:f.tp]) + f.offset
             for st in C.TENSOR_STATES:
                 if s == rank:
                     src = _fragment_source(shards, index, f, st)
@@ -98,19 +99,13 @@ def _assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv: torch
     return out
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _write_param(out: OutputFolder, index: CheckpointIndex, p: int, flats: Dict[str, torch.Tensor], aliases_of):
     spec = index.params[p]
     if spec.has_step:
         out.save_param_state(spec.name, C.STEP_KEY, spec.step)
+    payloads = {st: state_payload(spec, flats[st], st) for st in C.TENSOR_STATES}
     for st in C.TENSOR_STATES:
-        out.save_param_state(spec.name, st, state_payload(spec, flats[st]))
+        out.save_param_state(spec.name, st, payloads[st])
     for alias in aliases_of.get(spec.name, ()):
         out.save_param_state(alias, C.FP32_WEIGHT_KEY, alias_payload(spec, flats[C.FP32_WEIGHT_KEY]))
 
@@ -170,8 +165,10 @@ def _run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
         metas.update(part)
 
     with _Phase(comm, timings, "plan"):
-        index = build_index(files, metas, cfg.inject_missing_state)
+        index = build_index(files, metas, cfg.inject_missing_state, cfg.strict)
         plan = make_plan(index, world, int(cfg.memory.budget_mb) << 20)
+    for note in index.notes:
+        progress.log(note)
     total_bytes = sum(param_bytes(p.numel) for p in index.params)
     progress.total_params, progress.total_bytes = len(index.params), total_bytes
     report: Dict[str, Any] = {

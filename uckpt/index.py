@@ -16,6 +16,7 @@ from .errors import CheckpointError, UnsupportedCheckpointError
 from .layout import CheckpointFiles
 from .read import ModelMeta, OptimMeta
 from .shard import FallbackSpec, Fragment, ParamSpec, shape_numel
+from .tp_rules import RuleBook
 
 
 @dataclass
@@ -80,17 +81,11 @@ def _uc_info(model0: ModelMeta, path: str, inject: bool):
     if unsupported:
         details = ", ".join(f"{p}: {r}" for p, r in sorted(unsupported.items()))
         raise UnsupportedCheckpointError(f"AutoTP universal checkpoint conversion is not supported for {details}.", path)
-    rules = [k for k in C.MERGE_RULE_KEYS if uc.get(k)]
-    if rules:
-        # DeepSpeed applies these rules even at TP=1 (e.g. vocabulary rows are stripped and tagged), so
-        # writing the plain layout would differ from its output: refuse instead.
-        raise UnsupportedCheckpointError(f"carries tensor-parallel merge rules in {C.UNIVERSAL_CHECKPOINT_INFO} "
-                                         f"({', '.join(rules)}); uckpt does not apply them yet", path,
-                                         "use DeepSpeed's ds_to_universal.py for this checkpoint")
     return uc, False
 
 
-def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_state: bool = False) -> CheckpointIndex:
+def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_state: bool = False,
+                strict: bool = True) -> CheckpointIndex:
     models = files.model_sources()
     optims = files.optim_sources()
     for s in models:
@@ -100,12 +95,13 @@ def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_st
                                              "use DeepSpeed's ds_to_universal.py for this checkpoint")
     stage = _stage_of(files, metas)
     if files.family == "zero3":
-        return _build_zero3(files, metas, stage)
-    return _build_zero12(files, metas, stage, inject_missing_state)
+        return _build_zero3(files, metas, stage, strict)
+    return _build_zero12(files, metas, stage, inject_missing_state, strict)
 
 
-def _zero12_param(name, shape, optim_by_dp, lookup, metas, files) -> Optional[ParamSpec]:
-    """A ZeRO-1/2 parameter from the recorded ``param_slice_mappings`` of each DP rank (spec 1.5)."""
+def _zero12_slice(name, shape, tp, optim_by_dp, lookup, metas, files):
+    """Fragments of TP rank ``tp``'s slice of a ZeRO-1/2 parameter, from the recorded
+    ``param_slice_mappings`` of each DP rank (spec 1.5); (fragments, step, has_step)."""
     frags, offset, step, step_src = [], 0, None, None
     for d, src in enumerate(optim_by_dp):
         hit = lookup[d].get(name)
@@ -113,7 +109,7 @@ def _zero12_param(name, shape, optim_by_dp, lookup, metas, files) -> Optional[Pa
             continue
         g, start, numel = hit
         meta = metas[src.index]
-        frag = Fragment(src.index, g, start, numel, 0, d, offset)
+        frag = Fragment(src.index, g, start, numel, tp, d, offset)
         _check_bounds(frag, meta, src.path, name)
         frags.append(frag)
         offset += numel
@@ -124,17 +120,43 @@ def _zero12_param(name, shape, optim_by_dp, lookup, metas, files) -> Optional[Pa
             elif not _steps_equal(step, gm.step):
                 raise CheckpointError(f"optimizer step {gm.step} of {name!r} differs from {step} in {step_src}",
                                       src.path, "the shards come from different saves; copy the tag folder again")
-    if not frags:
-        return None  # DeepSpeed skips a parameter without fragments; the fp32 fallback covers it
-    if offset != shape_numel(shape):
-        raise CheckpointError(f"the optimizer shards hold {offset} elements of {name!r} but its shape {tuple(shape)} "
-                              f"has {shape_numel(shape)}: a shard is missing or from another save",
-                              files.folder, "copy the complete tag folder from the training job")
-    return ParamSpec(name, tuple(shape), [tuple(shape)], frags, step, extra={C.CAT_DIM: 0},
-                     has_step=step_src is not None)
+    if frags and offset != shape_numel(shape):
+        raise CheckpointError(f"the optimizer shards hold {offset} elements of TP rank {tp}'s slice of {name!r} but "
+                              f"its shape {tuple(shape)} has {shape_numel(shape)}: a shard is missing or from another "
+                              "save", files.folder, "copy the complete tag folder from the training job")
+    return frags, step, step_src is not None
 
 
-def _build_zero12(files, metas, stage, inject) -> CheckpointIndex:
+def _finish_tp_params(order, shapes, frags, steps, tp, uc, strict, files, notes, flat_output=False):
+    """ParamSpecs with their merge rules; DeepSpeed's strict check for patterns no parameter used."""
+    book = RuleBook(uc, tp, names=set(order))
+    params = []
+    for name in order:
+        per_tp = shapes[name]
+        if all(not frags[name].get(t) for t in range(tp)):
+            continue  # DeepSpeed skips a parameter without fragments; the fp32 fallback covers it
+        for t in range(tp):
+            if per_tp[t] is None:
+                raise CheckpointError(f"{name!r} is missing from the param_shapes of TP rank {t}", files.folder,
+                                      "the model files come from different saves; copy the tag folder again")
+            if not frags[name].get(t) and shape_numel(per_tp[t]):
+                raise CheckpointError(f"no optimizer fragments for TP rank {t} of {name!r} (shape {per_tp[t]})",
+                                      files.folder, "copy the complete tag folder from the training job")
+        rule = None if flat_output else book.resolve(name, per_tp)
+        step, has_step = steps.get(name, (None, False))
+        params.append(ParamSpec(name, tuple(per_tp[0]), [tuple(s) for s in per_tp],
+                                [f for t in range(tp) for f in frags[name].get(t, [])], step,
+                                flat_output=flat_output, has_step=has_step, rule=rule))
+    unused = book.unused()
+    if unused and not flat_output:
+        if strict:
+            raise CheckpointError(f"patterns of universal_checkpoint_info match no parameter: {sorted(unused)}",
+                                  files.model_sources()[0].path, "pass --no_strict to convert anyway (as DeepSpeed)")
+        notes.append(f"warning: unused patterns {sorted(unused)}")
+    return params
+
+
+def _build_zero12(files, metas, stage, inject, strict) -> CheckpointIndex:
     models, optims = files.model_sources(), files.optim_sources()
     model0 = metas[models[0].index]
     if stage == 3:
@@ -148,107 +170,123 @@ def _build_zero12(files, metas, stage, inject) -> CheckpointIndex:
     if tp * pp != len(models):
         raise CheckpointError(f"records pp_degree={pp} x tp_degree={tp} but the folder has {len(models)} model files",
                               models[0].path, "copy the complete tag folder from the training job")
-    if tp > 1:
-        raise UnsupportedCheckpointError(f"is a tensor-parallel checkpoint (tp={tp}); uckpt converts data- and "
-                                         "pipeline-parallel checkpoints only so far", files.folder,
-                                         "use DeepSpeed's ds_to_universal.py for this checkpoint")
     uc, injected = _uc_info(model0, models[0].path, inject)
     dp = len(optims) // len(models)
     optim_at = {(s.dp, s.tp): s for s in optims}  # (dp, mp) -> source
     replicated = uc.get(C.PIPELINE_REPLICATED_PARAMETER_PATTERNS, [])
-    params: List[ParamSpec] = []
-    seen = set()
+    order: List[str] = []
+    shapes: Dict[str, List] = {}
+    frags: Dict[str, Dict[int, list]] = {}
+    steps: Dict[str, tuple] = {}
     for pp_stage in range(pp):
-        mp = pp_stage * tp  # pp-major model-parallel rank of (stage, tp rank 0)
-        meta_m = metas[models[mp].index]
-        if meta_m.param_shapes is None:
-            raise CheckpointError("has no param_shapes (saved without a ZeRO optimizer)", models[mp].path,
-                                  "save with ZeRO stage 1, 2 or 3")
-        lookup = {}
-        for d in range(dp):
-            meta = metas[optim_at[(d, mp)].index]
-            lookup[d] = {name: (g, start, numel) for g, gm in enumerate(meta.groups)
-                         for name, (start, numel) in gm.mappings.items()}
-        for group_shapes in meta_m.param_shapes:
-            for name, shape in group_shapes.items():
-                if pp_stage > 0 and any(re.match(pat, name) for pat in replicated):
-                    continue  # DeepSpeed reads pipeline-replicated (tied) parameters from stage 0 only
-                if name in seen:
-                    # A tied parameter without a pipeline_replicated pattern: DeepSpeed keeps whichever stage's
-                    # fragments it wrote last; the replicas are kept equal by training, uckpt reads the first stage.
-                    continue
-                spec = _zero12_param(name, shape, [optim_at[(d, mp)] for d in range(dp)], lookup, metas, files)
-                if spec is not None:
-                    params.append(spec)
-                    seen.add(name)
+        for t in range(tp):
+            mp = pp_stage * tp + t  # pp-major model-parallel rank
+            meta_m = metas[models[mp].index]
+            if meta_m.param_shapes is None:
+                raise CheckpointError("has no param_shapes (saved without a ZeRO optimizer)", models[mp].path,
+                                      "save with ZeRO stage 1, 2 or 3")
+            lookup = {}
+            for d in range(dp):
+                meta = metas[optim_at[(d, mp)].index]
+                lookup[d] = {name: (g, start, numel) for g, gm in enumerate(meta.groups)
+                             for name, (start, numel) in gm.mappings.items()}
+            for group_shapes in meta_m.param_shapes:
+                for name, shape in group_shapes.items():
+                    if pp_stage > 0 and any(re.match(pat, name) for pat in replicated):
+                        continue  # DeepSpeed reads pipeline-replicated (tied) parameters from stage 0 only
+                    if name not in shapes:
+                        order.append(name)
+                        shapes[name], frags[name] = [None] * tp, {}
+                    if shapes[name][t] is not None:
+                        # Tied across stages without a pipeline_replicated pattern: DeepSpeed keeps whichever
+                        # stage's fragments it wrote last; training keeps the replicas equal; uckpt reads the first.
+                        continue
+                    shapes[name][t] = tuple(shape)
+                    got, step, has_step = _zero12_slice(name, shape, t, [optim_at[(d, mp)] for d in range(dp)],
+                                                        lookup, metas, files)
+                    frags[name][t] = got
+                    if t == 0 and has_step:
+                        steps[name] = (step, True)  # DeepSpeed writes TP rank 0's step
+    notes: List[str] = []
+    params = _finish_tp_params(order, shapes, frags, steps, tp, uc, strict, files, notes)
     written = {p.name for p in params}
+    by_name = {p.name: p for p in params}
     fallbacks, aliases = [], {}
     shared = model0.shared_params
     for s in models:  # DeepSpeed 0.19.8: every module key without a fp32.pt gets one; the first file wins
         for key in metas[s.index].module_shapes:
             if key in written or key in aliases:
                 continue
-            canonical = shared.get(key)
-            if canonical in {p.name for p in params}:
+            canonical = by_name.get(shared.get(key))
+            if (canonical is not None and tp == 1 and canonical.rule is not None and canonical.rule.vocab_rows is None
+                    and canonical.numel == shape_numel(metas[s.index].module_shapes[key])):
                 # DIFFERENCE: DeepSpeed casts the alias's bf16 module weight to fp32 (lossy); uckpt writes the
-                # canonical parameter's fp32 master, which is what the tied weight holds.
-                aliases[key] = canonical
+                # canonical parameter's fp32 master, which is what the tied weight holds. Only where that master
+                # is exactly the alias's tensor (TP=1, no vocabulary cut); elsewhere as DeepSpeed does.
+                aliases[key] = canonical.name
             else:
                 fallbacks.append(FallbackSpec(key, s.index))
             written.add(key)
     return CheckpointIndex(files, "zero12", stage, tp, pp, dp, params, fallbacks, aliases, uc, injected,
                            optim_at[(0, 0)].index, [s.index for s in models],
-                           global_steps=model0.global_steps, ds_version=model0.ds_version)
+                           global_steps=model0.global_steps, ds_version=model0.ds_version, notes=notes)
 
 
-def _build_zero3(files, metas, stage) -> CheckpointIndex:
+def _build_zero3(files, metas, stage, strict) -> CheckpointIndex:
     models, optims = files.model_sources(), files.optim_sources()
     if stage != 3:
         raise CheckpointError(f"holds ZeRO-{stage} optimizer shards next to ZeRO-3 model files", files.folder,
                               "keep the files of one save only")
     tp = 1 + max(s.tp for s in models)
     dp = 1 + max(s.dp for s in models)
-    if tp > 1:
-        raise UnsupportedCheckpointError(f"is a ZeRO-3 tensor-parallel checkpoint (tp={tp}); uckpt converts dense "
-                                         "data-parallel checkpoints only so far", files.folder,
-                                         "use DeepSpeed's ds_to_universal.py for this checkpoint")
     model0 = next(s for s in models if s.dp == 0 and s.tp == 0)
-    shapes = metas[model0.index].param_shapes
-    if shapes is None:
-        raise CheckpointError("has no param_shapes", model0.path, "copy the file again from the training job")
-    optim_by_dp = {s.dp: s for s in optims if s.tp == 0}
-    params: Dict[str, ParamSpec] = {}
+    uc = metas[model0.index].uc_info or {}
+    if tp > 1:
+        _uc_info(metas[model0.index], model0.path, inject=True)  # refuses autotp_unsupported patterns
+    optim_at = {(s.dp, s.tp): s for s in optims}
     order: List[str] = []
-    for k, group_shapes in enumerate(shapes):
-        for d in range(dp):
-            src = optim_by_dp[d]
-            meta: OptimMeta = metas[src.index]
-            if k >= len(meta.groups):
-                raise CheckpointError(f"has {len(meta.groups)} optimizer sub-groups, the model states list {len(shapes)}",
-                                      src.path, "the shards come from different saves; copy the tag folder again")
-            gm = meta.groups[k]
-            world = gm.partition_count or dp
-            rank = gm.partition_rank if gm.partition_rank is not None else d
-            offset = 0
-            for name, shape in group_shapes.items():
-                numel = shape_numel(shape)
-                q = math.ceil(numel / world)
-                real = max(0, min(q, numel - rank * q))
-                frag = Fragment(src.index, k, offset, real, 0, d, rank * q)
-                _check_bounds(frag, meta, src.path, name)
-                if name not in params:
-                    params[name] = ParamSpec(name, tuple(shape), [tuple(shape)], [], None, flat_output=True)
-                    order.append(name)
-                params[name].fragments.append(frag)
-                offset += q
-    out = []
+    shapes: Dict[str, List] = {}
+    frags: Dict[str, Dict[int, list]] = {}
+    for t in range(tp):
+        model_t = next(s for s in models if s.dp == 0 and s.tp == t)
+        tshapes = metas[model_t.index].param_shapes
+        if tshapes is None:
+            raise CheckpointError("has no param_shapes", model_t.path, "copy the file again from the training job")
+        for k, group_shapes in enumerate(tshapes):
+            for d in range(dp):
+                src = optim_at[(d, t)]
+                meta: OptimMeta = metas[src.index]
+                if k >= len(meta.groups):
+                    raise CheckpointError(f"has {len(meta.groups)} optimizer sub-groups, the model states list "
+                                          f"{len(tshapes)}", src.path,
+                                          "the shards come from different saves; copy the tag folder again")
+                gm = meta.groups[k]
+                world = gm.partition_count or dp
+                rank = gm.partition_rank if gm.partition_rank is not None else d
+                offset = 0
+                for name, shape in group_shapes.items():
+                    numel = shape_numel(shape)
+                    q = math.ceil(numel / world)
+                    real = max(0, min(q, numel - rank * q))
+                    frag = Fragment(src.index, k, offset, real, t, d, rank * q)
+                    _check_bounds(frag, meta, src.path, name)
+                    if name not in shapes:
+                        order.append(name)
+                        shapes[name], frags[name] = [None] * tp, {}
+                    shapes[name][t] = tuple(shape)
+                    frags[name].setdefault(t, []).append(frag)
+                    offset += q
     for name in order:
-        p = params[name]
-        if p.numel != shape_numel(p.shape):
-            raise CheckpointError(f"the ZeRO-3 partitions hold {p.numel} elements of {name!r} but its shape has "
-                                  f"{shape_numel(p.shape)}", files.folder, "copy the complete tag folder again")
-        out.append(p)
+        for t, got in frags[name].items():
+            if sum(f.numel for f in got) != shape_numel(shapes[name][t]):
+                raise CheckpointError(f"the ZeRO-3 partitions hold {sum(f.numel for f in got)} elements of TP rank "
+                                      f"{t}'s slice of {name!r} but its shape has {shape_numel(shapes[name][t])}",
+                                      files.folder, "copy the complete tag folder again")
+    notes: List[str] = []
+    # DeepSpeed writes ZeRO-3 parameters as bare flat tensors at TP=1, and merges them like ZeRO-1/2 above.
+    params = _finish_tp_params(order, shapes, frags, {}, tp, uc, strict, files, notes, flat_output=(tp == 1))
     first_optim = min(optims, key=lambda s: (s.dp, s.tp))
-    return CheckpointIndex(files, "zero3", stage, tp, 1, dp, out, [], {}, metas[model0.index].uc_info or {}, False,
+    return CheckpointIndex(files, "zero3", stage, tp, 1, dp, params, [], {}, uc, False,
                            first_optim.index, [s.index for s in models],
-                           global_steps=metas[model0.index].global_steps, ds_version=metas[model0.index].ds_version)
+                           global_steps=metas[model0.index].global_steps, ds_version=metas[model0.index].ds_version,
+                           notes=notes)

@@ -6,7 +6,7 @@ partition of a source. A *parameter* is the list of its fragments in the order t
 (tensor-parallel rank, then data-parallel rank) plus what the writer needs to shape the result.
 Everything here is plain data: picklable, comparable, free of tensors and of I/O.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 Shape = Tuple[int, ...]
@@ -47,13 +47,13 @@ class ParamSpec:
     """One Universal parameter: its fragments and how the owner writes it."""
 
     name: str
-    shape: Shape  # logical (merged) shape
+    shape: Shape  # TP rank 0's slice shape (the full shape at TP=1)
     tp_shapes: List[Shape]  # shape of each TP rank's slice (one entry at TP=1)
-    fragments: List[Fragment]
+    fragments: List[Fragment]  # TP-major, then DP order
     step: Any = None  # optimizer step value written as step.pt (a tensor or an int)
     has_step: bool = False  # whether step.pt is written (ZeRO-3: never, as in DeepSpeed)
-    flat_output: bool = False  # ZeRO-3: DeepSpeed writes a bare flat tensor, not a dict
-    extra: Dict[str, Any] = field(default_factory=dict)  # keys written beside "param" (e.g. cat_dim)
+    flat_output: bool = False  # ZeRO-3 at TP=1: DeepSpeed writes a bare flat tensor, not a dict
+    rule: Any = None  # tp_rules.MergeRule: how the owner merges the TP slices (None with flat_output)
 
     @property
     def numel(self) -> int:
