@@ -44,11 +44,12 @@ def test_inspect_says_why_not_convertible(copy_tag, capsys):
     model = os.path.join(tag, "mp_rank_00_model_states.pt")
     sd = torch.load(model, weights_only=False)
     sd["universal_checkpoint_info"] = {"universal_checkpoint_version": 0.4,
-                                       "vocabulary_parameter_patterns": ["embed"], "original_vocab_size": 64}
+                                       "autotp_unsupported_parameter_patterns": {"^blocks": "Yuan shared QK"}}
     torch.save(sd, model)
     rc, out, _ = _run(capsys, "inspect", tag, "--json")
     info = json.loads(out)
-    assert rc == 0 and info["convertible"] is False and "vocabulary_parameter_patterns" in info["why"]
+    assert rc == 0 and info["convertible"] is False
+    assert "AutoTP universal checkpoint conversion is not supported for ^blocks: Yuan shared QK" in info["why"]
 
 
 def test_inspect_not_a_checkpoint(tmp_path, capsys):
@@ -57,11 +58,13 @@ def test_inspect_not_a_checkpoint(tmp_path, capsys):
 
 
 def test_verify_against_source_ours_and_deepspeeds(store, capsys):
-    for name in ("z2-bf16-dp4", "z3-fp32-dp3", "pp2-dp1"):
-        for universal in (store.uckpt_universal(name, 1), store.ds_universal(name)):
+    for name in ("z2-bf16-dp4", "z3-fp32-dp3", "pp2-dp1", "tp2-dp2-z2-bf16"):
+        pair = store.universal_pair(name, 1) if name.startswith("tp") else (store.uckpt_universal(name, 1),
+                                                                              store.ds_universal(name))
+        for universal in pair:
             rc, out, _ = _run(capsys, "verify", universal, "--against", store.tag(name))
             assert rc == 0, out
-            assert out.startswith("OK:") and "fragments equal" in out
+            assert out.startswith("OK:") and "tensors compared with" in out
 
 
 def test_verify_finds_a_changed_value(store, tmp_path, capsys):
@@ -76,7 +79,8 @@ def test_verify_finds_a_changed_value(store, tmp_path, capsys):
     rc, out, _ = _run(capsys, "verify", str(bad), "--against", store.tag("z2-bf16-dp4"), "--json")
     report = json.loads(out)
     assert rc == 1 and not report["ok"]
-    assert any("blocks.1.weight: exp_avg differs from" in f for f in report["failures"])
+    assert len(report["failures"]) == 1
+    assert report["failures"][0].startswith("blocks.1.weight: exp_avg differs from the native shards (max abs diff")
 
 
 def test_verify_finds_missing_and_malformed_states(store, tmp_path, capsys):

@@ -4,8 +4,9 @@ re-slicing it to the source topology give back every fragment of the native chec
 Checks (spec section 5): every parameter folder has fp32 and, when it has moments, both moments
 of the same shape; values finite and ``exp_avg_sq >= 0``; one step value; ``optimizer_state.pt``
 and the model files present. Against a native checkpoint: every optimizer-owned parameter is
-present, and each fragment of every source shard equals the matching elements of the Universal
-tensor (bit for bit), and ``step`` equals the source's.
+present, and each state rebuilt from the source shards with the parameter's merge rule (TP
+slices, vocabulary cut, ...) equals the Universal tensor bit for bit, and ``step`` equals the
+source's.
 """
 import os
 from typing import Any, Dict, List
@@ -16,7 +17,9 @@ from . import constants as C
 from .errors import UckptError
 from .index import _steps_equal, build_index
 from .layout import discover
+from .merge import state_payload
 from .read import forget_mapped, load_shard, source_meta, state_tensor
+from .shard import shape_numel
 from .universal import is_universal, list_params, load_payload, model_files, optimizer_state, payload_tensor
 
 
@@ -60,19 +63,21 @@ def verify(universal: str, against: str = None) -> Dict[str, Any]:
         failures.append(f"{C.UNIVERSAL_ZERO_FOLDER}/{C.UNIVERSAL_OPTIMIZER_STATE_FILE} is missing")
     if not model_files(universal):
         failures.append("no *_model_states.pt file (DeepSpeed's loader needs one for its global state)")
-    fragments = 0
+    compared = 0
     if against:
-        fragments = _against(universal, against, {p.name: p for p in params}, failures)
+        compared = _against(universal, against, {p.name: p for p in params}, failures)
     return {"universal": universal, "against": against, "params": len(params), "checked_params": checked,
-            "fragments_compared": fragments, "steps": sorted(steps), "ok": not failures, "failures": failures}
+            "tensors_compared": compared, "steps": sorted(steps), "ok": not failures, "failures": failures}
 
 
 def _against(universal: str, native: str, by_name, failures: List[str]) -> int:
+    """Rebuild every state of every parameter from the native shards with its merge rule (TP slices,
+    vocabulary cut, ...) and compare it bit for bit with the Universal tensor."""
     files = discover(native)
     shards = {s.index: load_shard(s.path) for s in files.sources}
     try:
         metas = {s.index: source_meta(s, shards[s.index], files.family) for s in files.sources}
-        index = build_index(files, metas, inject_missing_state=True)
+        index = build_index(files, metas, inject_missing_state=True, strict=False)
         compared = 0
         for spec in index.params:
             p = by_name.get(spec.name)
@@ -83,18 +88,19 @@ def _against(universal: str, native: str, by_name, failures: List[str]) -> int:
                 if state not in p.states:
                     failures.append(f"{spec.name}: no {state}.pt")
                     continue
-                full = payload_tensor(load_payload(p.states[state]))
-                if full is None or full.numel() != spec.numel:
-                    failures.append(f"{spec.name}: {state} has {None if full is None else full.numel()} elements, "
-                                    f"the native shards {spec.numel}")
-                    continue
-                flat = full.reshape(-1)
-                for f in spec.fragments:  # TP=1: a fragment's offset is its position in the full tensor
-                    src = state_tensor(shards[f.source], index.family, f.group, state).narrow(0, f.start, f.numel)
-                    if not torch.equal(flat.narrow(0, f.offset, f.numel), src):
-                        failures.append(f"{spec.name}: {state} differs from {files.sources[f.source].path} "
-                                        f"(elements {f.start}..{f.start + f.numel} of group {f.group})")
-                    compared += 1
+                flat = torch.empty(spec.numel, dtype=torch.float32)
+                for f in spec.fragments:
+                    base = sum(shape_numel(sh) for sh in spec.tp_shapes[:f.tp]) + f.offset
+                    flat[base:base + f.numel] = state_tensor(shards[f.source], index.family, f.group,
+                                                             state).narrow(0, f.start, f.numel)
+                expected = payload_tensor(state_payload(spec, flat, state))
+                got = payload_tensor(load_payload(p.states[state]))
+                compared += 1
+                if got is None or got.shape != expected.shape or not torch.equal(got, expected):
+                    detail = (f"shape {None if got is None else tuple(got.shape)} vs {tuple(expected.shape)}"
+                              if got is None or got.shape != expected.shape else
+                              f"max abs diff {(got.double() - expected.double()).abs().max().item():.3g}")
+                    failures.append(f"{spec.name}: {state} differs from the native shards ({detail})")
             if spec.has_step:
                 step = load_payload(p.states[C.STEP_KEY]) if C.STEP_KEY in p.states else None
                 if step is None or not _steps_equal(step, spec.step):
@@ -108,7 +114,7 @@ def _against(universal: str, native: str, by_name, failures: List[str]) -> int:
 def format_report(r: Dict[str, Any]) -> str:
     lines = [f"{'OK' if r['ok'] else 'FAILED'}: {r['universal']}: {r['checked_params']}/{r['params']} parameter "
              f"folders checked, steps {r['steps']}" +
-             (f", {r['fragments_compared']} fragments equal to {r['against']}" if r["against"] else "")]
+             (f", {r['tensors_compared']} tensors compared with {r['against']}" if r["against"] else "")]
     lines += [f"  - {f}" for f in r["failures"][:50]]
     if len(r["failures"]) > 50:
         lines.append(f"  ... and {len(r['failures']) - 50} more")
