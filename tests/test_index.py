@@ -84,10 +84,9 @@ def test_plain_name_patterns_match_literally():
     assert book.resolve("layers.1.w", [(4,), (4,)]).kind == "replicated"
     assert book.resolve("layers.10.w", [(4,), (4,)]).kind == "cat"  # DeepSpeed: replicated
     assert book.resolve("layers.1.w2", [(4,), (4,)]).kind == "replicated"
-    rule = BookWithoutReplicated = RuleBook({"parameter_with_row_parallelism_patterns": ["layers.1.w", r"^norm$"]},
-                                            2, names)
-    assert BookWithoutReplicated.resolve("layers.1.w2", [(4, 2)] * 2).cat_dim == 0  # exact name: itself only
-    assert rule.resolve("layers.1.w", [(4, 2)] * 2).cat_dim == 1
-    assert rule.resolve("norm", [(4, 2)] * 2).cat_dim == 1  # regex patterns as in DeepSpeed
+    rows = RuleBook({"parameter_with_row_parallelism_patterns": ["layers.1.w", r"^norm$"]}, 2, names)
+    assert rows.resolve("layers.1.w2", [(4, 2)] * 2).cat_dim == 0  # an exact name matches itself only
+    assert rows.resolve("layers.1.w", [(4, 2)] * 2).cat_dim == 1
+    assert rows.resolve("norm", [(4, 2)] * 2).cat_dim == 1  # regex patterns as in DeepSpeed
     import re
     assert re.match("layers.1.", "layers.10.w")  # what DeepSpeed's matching does

@@ -5,8 +5,6 @@ import os
 import stat
 import subprocess
 
-import pytest
-
 from uckpt.compare import compare_universal
 from uckpt.examples import runner
 

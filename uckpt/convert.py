@@ -11,14 +11,13 @@ import os
 import resource
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
 from . import __version__
 from . import constants as C
 from .comm import Comm
-from .errors import UckptError
 from .index import CheckpointIndex, build_index
 from .layout import discover
 from .merge import alias_payload, fallback_payload, state_payload

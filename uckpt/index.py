@@ -86,9 +86,7 @@ def _uc_info(model0: ModelMeta, path: str, inject: bool):
 
 def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_state: bool = False,
                 strict: bool = True) -> CheckpointIndex:
-    models = files.model_sources()
-    optims = files.optim_sources()
-    for s in models:
+    for s in files.model_sources():
         if metas[s.index].has_autoep:
             raise UnsupportedCheckpointError("carries AutoEP metadata (ds_autoep_layers); uckpt does not convert "
                                              "AutoEP checkpoints yet", s.path,

@@ -7,7 +7,7 @@ partition of a source. A *parameter* is the list of its fragments in the order t
 Everything here is plain data: picklable, comparable, free of tensors and of I/O.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 Shape = Tuple[int, ...]
 

@@ -8,7 +8,6 @@ present, and each state rebuilt from the source shards with the parameter's merg
 slices, vocabulary cut, ...) equals the Universal tensor bit for bit, and ``step`` equals the
 source's.
 """
-import os
 from typing import Any, Dict, List
 
 import torch

@@ -5,12 +5,11 @@ World size = TP size x DP size. The global batch is fixed and split over the DP 
 one DP rank see the same rows), so the loss of a step does not depend on the topology.
 """
 import argparse
-import json
 
 import torch
 import torch.distributed as dist
 
-from .tiny_train import dump_state
+from .tiny_train import dump_state, finish, save_if_due
 
 VOCAB = 128
 
@@ -60,7 +59,8 @@ def main(argv=None):
         dump_state(engine, args.dump_state)
     dp_rank = rank // args.tp
     losses = []
-    for step in range(engine.global_steps, engine.global_steps + args.steps):
+    start = engine.global_steps
+    for step in range(start, start + args.steps):
         g = torch.Generator().manual_seed(1000 + step)
         data = torch.randint(0, VOCAB, (args.global_batch, 16), generator=g)[dp_rank * per_dp:(dp_rank + 1) * per_dp]
         loss = engine(input_ids=data, labels=data).loss
@@ -69,15 +69,8 @@ def main(argv=None):
         t = loss.detach().float().clone()
         dist.all_reduce(t)
         losses.append(t.item() / world)
-        if args.save_dir and args.save_at is not None and step + 1 == args.save_at:
-            engine.save_checkpoint(args.save_dir)
-    if args.save_dir and args.save_at is None:
-        engine.save_checkpoint(args.save_dir)
-    if rank == 0 and args.report:
-        with open(args.report, "w") as f:
-            json.dump({"losses": losses, "world_size": world}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+        save_if_due(engine, args, step)
+    finish(engine, args, start, losses)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,12 @@ Same command-line shape as ``tiny_train``: ``--save-dir``, ``--load-dir`` (Unive
 ``--report``. The world size is ``--stages`` x the data-parallel size; the global batch is fixed.
 """
 import argparse
-import json
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .tiny_train import batch, dump_state
+from .tiny_train import batch, dump_state, finish, save_if_due
 
 VOCAB, HIDDEN = 64, 32
 
@@ -49,7 +48,7 @@ def main(argv=None):
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     deepspeed.init_distributed(dist_backend="gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     dp = world // args.stages
     torch.manual_seed(0)
     layers = [TiedLayerSpec("embed", Embed), LayerSpec(nn.Linear, HIDDEN, HIDDEN), LayerSpec(nn.Tanh),
@@ -71,21 +70,15 @@ def main(argv=None):
         dump_state(engine, args.dump_state)
     dp_rank = engine.grid.get_data_parallel_rank()
     losses = []
-    for step in range(engine.global_steps, engine.global_steps + args.steps):
+    start = engine.global_steps
+    for step in range(start, start + args.steps):
         data = batch(step, args.global_batch, args.seq, VOCAB)
         local = data[dp_rank * (2 * mb):(dp_rank + 1) * (2 * mb)]
         micro = iter([(local[i * mb:(i + 1) * mb, :-1], local[i * mb:(i + 1) * mb, 1:]) for i in range(2)])
         loss = engine.train_batch(micro)
         losses.append(float(loss))
-        if args.save_dir and args.save_at is not None and step + 1 == args.save_at:
-            engine.save_checkpoint(args.save_dir)
-    if args.save_dir and args.save_at is None:
-        engine.save_checkpoint(args.save_dir)
-    if rank == 0 and args.report:
-        with open(args.report, "w") as f:
-            json.dump({"losses": losses, "world_size": world}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+        save_if_due(engine, args, step)
+    finish(engine, args, start, losses)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ own ``safe_get_full_*`` helpers, so tests can compare two resumed engines value 
 """
 import argparse
 import json
-import os
 
 import torch
 import torch.distributed as dist
@@ -107,6 +106,27 @@ def dump_state(engine, path: str):
         torch.save(out, path)
 
 
+def save_if_due(engine, args, step: int):
+    """Save after ``step`` when ``--save-at`` names it (the example trainers share this)."""
+    if args.save_dir and args.save_at is not None and step + 1 == args.save_at:
+        engine.save_checkpoint(args.save_dir, tag=getattr(args, "tag", None))
+
+
+def finish(engine, args, start: int, losses):
+    """Final save (without ``--save-at``), the JSON result on rank 0, and a clean shutdown (gloo can
+    abort at exit after a successful run otherwise)."""
+    if args.save_dir and args.save_at is None:
+        engine.save_checkpoint(args.save_dir, tag=getattr(args, "tag", None))
+    if dist.get_rank() == 0:
+        result = {"start_step": start, "losses": losses, "world_size": dist.get_world_size()}
+        print(json.dumps(result))
+        if args.report:
+            with open(args.report, "w") as f:
+                json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zero-stage", type=int, default=2)
@@ -163,17 +183,8 @@ def main(argv=None):
         avg = loss.detach().float().clone()
         dist.all_reduce(avg)
         losses.append(avg.item() / world)
-        if args.save_dir and args.save_at is not None and step + 1 == args.save_at:
-            engine.save_checkpoint(args.save_dir, tag=args.tag)
-    if args.save_dir and args.save_at is None:
-        engine.save_checkpoint(args.save_dir, tag=args.tag)
-    if rank == 0:
-        print(json.dumps({"start_step": start, "losses": losses}))
-        if args.report:
-            with open(args.report, "w") as f:
-                json.dump({"start_step": start, "losses": losses, "world_size": world}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+        save_if_due(engine, args, step)
+    finish(engine, args, start, losses)
 
 
 if __name__ == "__main__":
