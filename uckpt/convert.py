@@ -23,7 +23,6 @@ from .layout import discover
 from .merge import alias_payload, fallback_payload, state_payload
 from .plan import ConvertPlan, Wave, assign_readers, describe, make_plan, param_bytes
 from .progress import Progress
-from .shard import shape_numel
 from .read import forget_mapped, load_shard, release_pages, source_meta, state_tensor
 from .write import OutputFolder, check_paths
 
@@ -86,7 +85,7 @@ def _assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv: torch
         for p, j in wave.sends.get((s, rank), ()):
             spec = index.params[p]
             f = spec.fragments[j]
-            base = sum(shape_numel(sh) for sh in spec.tp_shapes[:f.tp]) + f.offset
+            base = spec.flat_offset(f)
             for st in C.TENSOR_STATES:
                 if s == rank:
                     src = _fragment_source(shards, index, f, st)

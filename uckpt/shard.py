@@ -59,6 +59,10 @@ class ParamSpec:
     def numel(self) -> int:
         return sum(f.numel for f in self.fragments)
 
+    def flat_offset(self, frag: Fragment) -> int:
+        """Where ``frag`` starts in the assembled parameter: TP slices concatenated in TP order."""
+        return sum(shape_numel(s) for s in self.tp_shapes[:frag.tp]) + frag.offset
+
 
 @dataclass(frozen=True)
 class FallbackSpec:

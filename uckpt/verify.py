@@ -18,7 +18,6 @@ from .index import _steps_equal, build_index
 from .layout import discover
 from .merge import state_payload
 from .read import forget_mapped, load_shard, source_meta, state_tensor
-from .shard import shape_numel
 from .universal import is_universal, list_params, load_payload, model_files, optimizer_state, payload_tensor
 
 
@@ -89,7 +88,7 @@ def _against(universal: str, native: str, by_name, failures: List[str]) -> int:
                     continue
                 flat = torch.empty(spec.numel, dtype=torch.float32)
                 for f in spec.fragments:
-                    base = sum(shape_numel(sh) for sh in spec.tp_shapes[:f.tp]) + f.offset
+                    base = spec.flat_offset(f)
                     flat[base:base + f.numel] = state_tensor(shards[f.source], index.family, f.group,
                                                              state).narrow(0, f.start, f.numel)
                 expected = payload_tensor(state_payload(spec, flat, state))
