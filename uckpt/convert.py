@@ -23,7 +23,7 @@ from .layout import discover
 from .merge import alias_payload, fallback_payload, state_payload
 from .plan import ConvertPlan, Wave, assign_readers, describe, make_plan, param_bytes
 from .progress import Progress
-from .read import forget_mapped, load_shard, release_pages, source_meta, state_tensor
+from .read import forget_mapped, fragment_data, load_shard, release_pages, source_meta
 from .write import OutputFolder, check_paths
 
 
@@ -45,19 +45,14 @@ class _Phase:
         return False
 
 
-def _fragment_source(shards, index: CheckpointIndex, frag, state: str) -> torch.Tensor:
-    """The fragment's elements of ``state`` inside its (memory-mapped) shard."""
-    return state_tensor(shards[frag.source], index.family, frag.group, state).narrow(0, frag.start, frag.numel)
-
-
-def _send_counts(wave: Wave, index: CheckpointIndex, world: int, src: int, dst: int) -> int:
+def _send_counts(wave: Wave, index: CheckpointIndex, src: int, dst: int) -> int:
     return 0 if src == dst else wave.count(index, src, dst)  # a rank's own fragments skip the exchange
 
 
 def _pack(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, shards, rank: int):
     """This rank's fragments for other owners, in plan order, in one flat fp32 buffer."""
     world = plan.world_size
-    counts = [_send_counts(wave, index, world, rank, d) for d in range(world)]
+    counts = [_send_counts(wave, index, rank, d) for d in range(world)]
     send = torch.empty(sum(counts), dtype=torch.float32)
     pos = 0
     for d in range(world):
@@ -66,7 +61,7 @@ def _pack(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, shards, rank: i
         for p, j in wave.sends.get((rank, d), ()):
             f = index.params[p].fragments[j]
             for st in C.TENSOR_STATES:
-                src = _fragment_source(shards, index, f, st)
+                src = fragment_data(shards[f.source], index.family, f, st)
                 send[pos:pos + f.numel].copy_(src)
                 release_pages(src)
                 pos += f.numel
@@ -88,7 +83,7 @@ def _assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv: torch
             base = spec.flat_offset(f)
             for st in C.TENSOR_STATES:
                 if s == rank:
-                    src = _fragment_source(shards, index, f, st)
+                    src = fragment_data(shards[f.source], index.family, f, st)
                     out[p][st][base:base + f.numel].copy_(src)
                     release_pages(src)
                 else:
@@ -204,7 +199,7 @@ def _run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
                 send, counts = _pack(wave, index, plan, shards, rank)
                 read_bytes += 4 * sum(wave.count(index, rank, d) for d in range(world))
             t0 = time.monotonic()
-            recv = comm.all_to_all(send, counts, [_send_counts(wave, index, world, s, rank) for s in range(world)])
+            recv = comm.all_to_all(send, counts, [_send_counts(wave, index, s, rank) for s in range(world)])
             timings["exchange"] = timings.get("exchange", 0.0) + time.monotonic() - t0
             del send
             with _Phase(comm, timings, "merge_write"):

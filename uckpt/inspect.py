@@ -9,7 +9,7 @@ from . import constants as C
 from .errors import UckptError
 from .index import build_index
 from .layout import discover
-from .read import forget_mapped, load_shard, source_meta
+from .read import opened_checkpoint
 from .universal import is_universal, list_params, load_payload, model_files, optimizer_state, payload_tensor
 
 
@@ -40,9 +40,7 @@ def _dtype(shards, files) -> str:
 
 def _native(path: str) -> Dict[str, Any]:
     files = discover(path)  # raises a clear error when this is no checkpoint at all
-    shards = {s.index: load_shard(s.path) for s in files.sources}
-    try:
-        metas = {s.index: source_meta(s, shards[s.index], files.family) for s in files.sources}
+    with opened_checkpoint(files) as (shards, metas):
         model0 = metas[files.model_sources()[0].index]
         dims = model0.parallel_dims or {}
         info: Dict[str, Any] = {
@@ -68,9 +66,6 @@ def _native(path: str) -> Dict[str, Any]:
         except UckptError as exc:
             info.update(convertible=False, why=str(exc))
         return info
-    finally:
-        shards.clear()
-        forget_mapped()
 
 
 def _uc_summary(uc) -> Any:

@@ -8,6 +8,7 @@ import ctypes
 import os
 import sys
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -213,6 +214,24 @@ def state_tensor(sd: Dict[str, Any], family: str, group: int, state: str) -> tor
     if state == C.FP32_WEIGHT_KEY:
         return osd[C.SINGLE_PARTITION_OF_FP32_GROUPS][group]
     return osd[C.BASE_OPTIMIZER_STATE][C.TORCH_STATE_KEY][group][state]
+
+
+def fragment_data(sd: Dict[str, Any], family: str, frag, state: str) -> torch.Tensor:
+    """A fragment's elements of ``state`` inside its (memory-mapped) shard: a view, nothing copied yet."""
+    return state_tensor(sd, family, frag.group, state).narrow(0, frag.start, frag.numel)
+
+
+@contextmanager
+def opened_checkpoint(files):
+    """Every shard of ``files`` mapped in this one process, with its metadata (inspect, verify).
+
+    The mappings are forgotten on exit, so their addresses never reach ``release_pages`` later."""
+    shards = {s.index: load_shard(s.path) for s in files.sources}
+    try:
+        yield shards, {s.index: source_meta(s, shards[s.index], files.family) for s in files.sources}
+    finally:
+        shards.clear()
+        forget_mapped()
 
 
 def source_meta(source: Source, sd: Dict[str, Any], family: str):

@@ -17,7 +17,7 @@ from .errors import UckptError
 from .index import _steps_equal, build_index
 from .layout import discover
 from .merge import state_payload
-from .read import forget_mapped, load_shard, source_meta, state_tensor
+from .read import fragment_data, opened_checkpoint
 from .universal import is_universal, list_params, load_payload, model_files, optimizer_state, payload_tensor
 
 
@@ -72,9 +72,7 @@ def _against(universal: str, native: str, by_name, failures: List[str]) -> int:
     """Rebuild every state of every parameter from the native shards with its merge rule (TP slices,
     vocabulary cut, ...) and compare it bit for bit with the Universal tensor."""
     files = discover(native)
-    shards = {s.index: load_shard(s.path) for s in files.sources}
-    try:
-        metas = {s.index: source_meta(s, shards[s.index], files.family) for s in files.sources}
+    with opened_checkpoint(files) as (shards, metas):
         index = build_index(files, metas, inject_missing_state=True, strict=False)
         compared = 0
         for spec in index.params:
@@ -89,8 +87,7 @@ def _against(universal: str, native: str, by_name, failures: List[str]) -> int:
                 flat = torch.empty(spec.numel, dtype=torch.float32)
                 for f in spec.fragments:
                     base = spec.flat_offset(f)
-                    flat[base:base + f.numel] = state_tensor(shards[f.source], index.family, f.group,
-                                                             state).narrow(0, f.start, f.numel)
+                    flat[base:base + f.numel] = fragment_data(shards[f.source], index.family, f, state)
                 expected = payload_tensor(state_payload(spec, flat, state))
                 got = payload_tensor(load_payload(p.states[state]))
                 compared += 1
@@ -104,9 +101,6 @@ def _against(universal: str, native: str, by_name, failures: List[str]) -> int:
                 if step is None or not _steps_equal(step, spec.step):
                     failures.append(f"{spec.name}: step {step} != native {spec.step}")
         return compared
-    finally:
-        shards.clear()
-        forget_mapped()
 
 
 def format_report(r: Dict[str, Any]) -> str:
