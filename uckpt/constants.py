@@ -48,6 +48,10 @@ from deepspeed.checkpoint.constants import (  # noqa: F401  (re-exported)
     VOCABULARY_PARAMETER_PATTERNS,
     AUTOEP_LAYERS_KEY,
     AUTOEP_LAYERS_KEY_LEGACY,
+    DS_AUTOEP_UC_META,
+    DS_AUTOTP_UC_META,
+    EP_IS_EXPERT_PARAM,
+    EP_NUM_EXPERTS,
     ZERO_FILE_PREFIX,
     ZERO_STAGE,
 )
