@@ -52,6 +52,17 @@ from deepspeed.checkpoint.constants import (  # noqa: F401  (re-exported)
     DS_AUTOTP_UC_META,
     EP_IS_EXPERT_PARAM,
     EP_NUM_EXPERTS,
+    AUTOEP_EXPERT_KEY_PREFIX,
+    AUTOEP_NUM_EXPERTS,
+    AUTOEP_EP_SIZE,
+    AUTOEP_NUM_LOCAL_EXPERTS,
+    AUTOEP_EXPERT_PLACEMENT,
+    AUTOEP_PLACEMENT_EXPERTS,
+    AUTOEP_PLACEMENT_RANK,
+    AUTOEP_PLACEMENT_RANKS,
+    AUTOEP_ZERO3_EXPERT_STATE_FORMAT_KEY,
+    AUTOEP_ZERO3_PARTITIONED_EXPERT_STATE_FORMAT,
+    AUTOEP_ZERO12_REQUIRED_FIELDS,
     ZERO_FILE_PREFIX,
     ZERO_STAGE,
 )
@@ -68,6 +79,10 @@ MERGE_RULE_KEYS = (
 )
 
 # Keys DeepSpeed uses without a named constant.
+USE_DATA_BEFORE_EXPERT_PARALLELISM = "use_data_before_expert_parallelism"  # ds_config (deepspeed_checkpoint.py)
+EXPERT_PARAMETER_PATTERNS = "expert_parameter_patterns"  # universal_checkpoint_info
+# What DeepSpeed's converter writes as expert_parameter_patterns (spec 3.2; no leading '.*').
+AUTOEP_UNIVERSAL_EXPERT_PATTERN = r"\.experts\.w[123]$"
 MODULE_KEY = "module"  # model-state file: lp state_dict
 SHARED_PARAMS_KEY = "shared_params"  # model-state file: {alias: canonical}
 DS_CONFIG_KEY = "ds_config"

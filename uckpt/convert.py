@@ -103,6 +103,17 @@ def _write_param(out: OutputFolder, index: CheckpointIndex, p: int, flats: Dict[
         out.save_param_state(alias, C.FP32_WEIGHT_KEY, alias_payload(spec, flats[C.FP32_WEIGHT_KEY]))
 
 
+def _with_autoep_info(model_state, layers):
+    """A model-state file as DeepSpeed's converter rewrites it for AutoEP: its UC info names the expert
+    patterns and the AutoEP layers (spec 3.2, step 6); everything else unchanged."""
+    out = dict(model_state)
+    info = dict(out.get(C.UNIVERSAL_CHECKPOINT_INFO) or {})
+    info[C.EXPERT_PARAMETER_PATTERNS] = [C.AUTOEP_UNIVERSAL_EXPERT_PATTERN]
+    info[C.AUTOEP_LAYERS_KEY] = layers
+    out[C.UNIVERSAL_CHECKPOINT_INFO] = info
+    return out
+
+
 def _optimizer_state(index: CheckpointIndex, sd: Dict[str, Any]) -> Dict[str, Any]:
     """zero/optimizer_state.pt exactly as DeepSpeed's ``_save_optimizer_state(_stage3)`` writes it."""
     osd = sd[C.OPTIMIZER_STATE_DICT]
@@ -222,7 +233,11 @@ def _run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
             for s, writer in plan.copy_writers.items():
                 if writer == rank:
                     read_bytes += files.sources[s].nbytes
-                    out.copy(files.sources[s].path)
+                    if index.autoep_layers is None:
+                        out.copy(files.sources[s].path)
+                    else:
+                        out.save(_with_autoep_info(shards[s], index.autoep_layers),
+                                 os.path.basename(files.sources[s].path))
             out.flush()
         progress.update(0, 0, final=True)
         mine = {"rank": rank, "opened": opened, "read_bytes": read_bytes, "written_bytes": out.bytes_written,

@@ -27,3 +27,11 @@ class OutputError(UckptError):
 
 class RemoteError(UckptError):
     """Another converter rank failed; carries that rank's message so every rank reports the same cause."""
+
+
+class AutoEPMetadataError(UckptError, RuntimeError):
+    """AutoEP metadata is missing or inconsistent (DeepSpeed raises RuntimeError for these)."""
+
+
+class MissingExpertFileError(UckptError, FileNotFoundError):
+    """A per-expert model file named by the AutoEP metadata is not in the folder."""

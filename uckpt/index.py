@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from . import autoep
 from . import constants as C
 from .errors import CheckpointError, UnsupportedCheckpointError
 from .layout import CheckpointFiles
@@ -34,6 +35,7 @@ class CheckpointIndex:
     injected_uc_info: bool
     optimizer_state_source: int  # source whose optimizer state becomes zero/optimizer_state.pt
     copy_sources: List[int]  # model files copied into the output
+    autoep_layers: Optional[List[Dict[str, Any]]] = None  # AutoEP: written into the output model files' UC info
     global_steps: Optional[int] = None
     ds_version: Optional[str] = None
     notes: List[str] = field(default_factory=list)
@@ -86,15 +88,23 @@ def _uc_info(model0: ModelMeta, path: str, inject: bool):
 
 def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_state: bool = False,
                 strict: bool = True) -> CheckpointIndex:
-    for s in files.model_sources():
-        if metas[s.index].has_autoep:
-            raise UnsupportedCheckpointError("carries AutoEP metadata (ds_autoep_layers); uckpt does not convert "
-                                             "AutoEP checkpoints yet", s.path,
-                                             "use DeepSpeed's ds_to_universal.py for this checkpoint")
     stage = _stage_of(files, metas)
+    ep_info = autoep.collect([(s.path, metas[s.index]) for s in files.model_sources()], files.expert_files,
+                             files.folder)
+    if ep_info is not None and (stage == 3 or files.family == "zero3"):
+        if not autoep.is_zero3_partitioned(ep_info.layers):
+            raise UnsupportedCheckpointError(
+                "is a ZeRO-3 AutoEP checkpoint in the legacy (non partition-native) format: AutoEP currently requires "
+                "ZeRO Stage 1 or 2 for Universal conversion", files.model_sources()[0].path,
+                "save with ZeRO stage 1 or 2, or with DeepSpeed's partition-native ZeRO-3 AutoEP format")
+        raise UnsupportedCheckpointError("is a partition-native ZeRO-3 AutoEP checkpoint, which uckpt does not "
+                                         "convert yet", files.model_sources()[0].path,
+                                         "use DeepSpeed's ds_to_universal.py for this checkpoint")
     if files.family == "zero3":
         return _build_zero3(files, metas, stage, strict)
-    return _build_zero12(files, metas, stage, inject_missing_state, strict)
+    if ep_info is not None:
+        autoep.check_expert_files(ep_info, files.expert_files, files.folder)
+    return _build_zero12(files, metas, stage, inject_missing_state, strict, ep_info)
 
 
 def _zero12_slice(name, shape, tp, optim_by_dp, lookup, metas, files):
@@ -123,6 +133,34 @@ def _zero12_slice(name, shape, tp, optim_by_dp, lookup, metas, files):
                               f"its shape {tuple(shape)} has {shape_numel(shape)}: a shard is missing or from another "
                               "save", files.folder, "copy the complete tag folder from the training job")
     return frags, step, step_src is not None
+
+
+def _expert_slice(name, local_shape, ep_info, dp, optim_by_dp, lookup, metas, files):
+    """The full ``[E, ...]`` shape of an AutoEP expert weight and its fragments placed at their global
+    offsets (see :mod:`uckpt.autoep`); (shape, (fragments, step, has_step))."""
+    entry = ep_info.params[name]
+    ep = entry[C.AUTOEP_EP_SIZE]
+    row = shape_numel(local_shape[1:])
+    full = (entry[C.AUTOEP_NUM_EXPERTS],) + tuple(local_shape[1:])
+    frags, step, has_step, taken = [], None, False, set()
+    for e in range(ep):
+        owners = autoep.owner_dp_ranks(e, dp, ep, ep_info.data_before_ep)
+        experts = autoep.local_experts(entry, e)
+        shape = (len(experts),) + tuple(local_shape[1:])
+        got, s, has = _zero12_slice(name, shape, 0, [optim_by_dp[d] for d in owners],
+                                    {i: lookup[d] for i, d in enumerate(owners)}, metas, files)
+        if has and not has_step:
+            step, has_step = s, True
+        for f in got:
+            for local, numel, glob in autoep.place_rows(f.offset, f.numel, row, experts, taken):
+                frags.append(Fragment(f.source, f.group, f.start + local - f.offset, numel, 0, owners[f.dp], glob))
+        taken.update(experts)
+    covered = sum(f.numel for f in frags)
+    if covered != shape_numel(full):
+        raise CheckpointError(f"the expert shards hold {covered} elements of {name!r}, its {full[0]} experts need "
+                              f"{shape_numel(full)}: a shard is missing or the placement leaves experts out",
+                              files.folder, "copy the complete tag folder from the training job")
+    return full, (frags, step, has_step)
 
 
 def _finish_tp_params(order, shapes, frags, steps, tp, uc, strict, files, notes, flat_output=False):
@@ -154,7 +192,7 @@ def _finish_tp_params(order, shapes, frags, steps, tp, uc, strict, files, notes,
     return params
 
 
-def _build_zero12(files, metas, stage, inject, strict) -> CheckpointIndex:
+def _build_zero12(files, metas, stage, inject, strict, ep_info=None) -> CheckpointIndex:
     models, optims = files.model_sources(), files.optim_sources()
     model0 = metas[models[0].index]
     if stage == 3:
@@ -199,6 +237,18 @@ def _build_zero12(files, metas, stage, inject, strict) -> CheckpointIndex:
                         # Tied across stages without a pipeline_replicated pattern: DeepSpeed keeps whichever
                         # stage's fragments it wrote last; training keeps the replicas equal; uckpt reads the first.
                         continue
+                    if ep_info is not None and name in ep_info.params:
+                        if tp > 1:
+                            raise UnsupportedCheckpointError(
+                                f"is an AutoEP checkpoint at TP={tp}: combined AutoEP + AutoTP conversion is out of "
+                                "scope", models[mp].path, "load it with the topology it was saved at")
+                        shapes[name][t], (got, step, has_step) = _expert_slice(
+                            name, tuple(shape), ep_info, dp, [optim_at[(d, mp)] for d in range(dp)], lookup, metas,
+                            files)
+                        frags[name][t] = got
+                        if has_step:
+                            steps[name] = (step, True)
+                        continue
                     shapes[name][t] = tuple(shape)
                     got, step, has_step = _zero12_slice(name, shape, t, [optim_at[(d, mp)] for d in range(dp)],
                                                         lookup, metas, files)
@@ -207,6 +257,10 @@ def _build_zero12(files, metas, stage, inject, strict) -> CheckpointIndex:
                         steps[name] = (step, True)  # DeepSpeed writes TP rank 0's step
     notes: List[str] = []
     params = _finish_tp_params(order, shapes, frags, steps, tp, uc, strict, files, notes)
+    if ep_info is not None:
+        for p in params:
+            if p.name in ep_info.params:
+                p.rule.experts = ep_info.params[p.name][C.AUTOEP_NUM_EXPERTS]
     written = {p.name for p in params}
     by_name = {p.name: p for p in params}
     fallbacks, aliases = [], {}
@@ -227,6 +281,7 @@ def _build_zero12(files, metas, stage, inject, strict) -> CheckpointIndex:
             written.add(key)
     return CheckpointIndex(files, "zero12", stage, tp, pp, dp, params, fallbacks, aliases, uc, injected,
                            optim_at[(0, 0)].index, [s.index for s in models],
+                           autoep_layers=ep_info.lightweight() if ep_info is not None else None,
                            global_steps=model0.global_steps, ds_version=model0.ds_version, notes=notes)
 
 

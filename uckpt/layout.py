@@ -107,11 +107,6 @@ def discover(folder: str) -> CheckpointFiles:
         raise CheckpointError("mixes optimizer files with different precision prefixes "
                               f"({', '.join(repr(p or 'none') for p in sorted(prefixes))})", folder,
                               "the folder holds files of two different saves; keep the files of one run only")
-    if experts:
-        raise UnsupportedCheckpointError(
-            "holds expert files (layer_*_expert_* / expp_rank_*); uckpt does not convert MoE / AutoEP "
-            "checkpoints yet", folder, "use DeepSpeed's ds_to_universal.py for this checkpoint")
-
     n_dp, n_mp = _grid(optims, "optimizer", folder)
     sources: List[Source] = []
     if zero3_models:

@@ -170,7 +170,7 @@ def open_lazy(path: str) -> Any:
     """The object saved in ``path`` with each tensor as a :class:`FileTensor` (no tensor bytes read)."""
     try:
         return _open_zip(path)
-    except (_Unsupported, zipfile.BadZipFile, KeyError, StopIteration):
+    except Exception:  # anything this reader does not know: torch's own loader gives the same values
         mmap = zipfile.is_zipfile(path)  # the legacy format cannot be memory-mapped
         return _wrap_loaded(path, torch.load(path, map_location="cpu", mmap=mmap, weights_only=False))
 
@@ -195,6 +195,10 @@ def _open_zip(path: str) -> Any:
         def find_class(self, module, name):
             if module == "torch._utils" and name == "_rebuild_tensor_v2":
                 return rebuild
+            if module == "torch._utils" and name == "_rebuild_parameter":
+                return lambda data, *_: data  # an nn.Parameter: its data is what is read
+            if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+                return lambda func, _type, args, _state: func(*args)  # a tensor subclass: its plain data
             if module == "torch._utils" and name.startswith("_rebuild"):
                 raise _Unsupported(name)
             return super().find_class(module, name)

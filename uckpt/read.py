@@ -93,6 +93,8 @@ class ModelMeta:
     global_steps: Optional[int]
     skipped_steps: Optional[int]
     has_autoep: bool
+    autoep_layers: Optional[List[Dict[str, Any]]] = None  # ds_autoep_layers (or the legacy autoep_layers)
+    use_data_before_expert_parallelism: Any = False  # from the saved ds_config
 
 
 @dataclass
@@ -139,6 +141,9 @@ def model_meta(sd: Dict[str, Any], path: str) -> ModelMeta:
         global_steps=sd.get("global_steps"),
         skipped_steps=sd.get("skipped_steps"),
         has_autoep=sd.get(C.AUTOEP_LAYERS_KEY) is not None or sd.get(C.AUTOEP_LAYERS_KEY_LEGACY) is not None,
+        autoep_layers=sd.get(C.AUTOEP_LAYERS_KEY, sd.get(C.AUTOEP_LAYERS_KEY_LEGACY)),
+        use_data_before_expert_parallelism=(sd.get(C.DS_CONFIG_KEY) or {}).get(
+            C.USE_DATA_BEFORE_EXPERT_PARALLELISM, False) if isinstance(sd.get(C.DS_CONFIG_KEY), dict) else None,
     )
 
 

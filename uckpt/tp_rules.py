@@ -37,6 +37,7 @@ class MergeRule:
     sub_sizes: Optional[Tuple[int, ...]] = None
     shard_widths: Optional[List[List[int]]] = None
     vocab_rows: Optional[int] = None  # original_vocab_size when a vocabulary pattern matched
+    experts: Optional[int] = None  # AutoEP routed expert weight: the number of experts (dim 0)
 
 
 @dataclass
@@ -220,6 +221,8 @@ def merge_slices(name: str, rule: MergeRule, slices: List[torch.Tensor], state: 
     else:
         param = slices[0] if len(slices) == 1 else torch.cat(slices, dim=rule.cat_dim)
         out[C.CAT_DIM] = rule.cat_dim
+    if rule.experts is not None:  # DeepSpeed's AutoEP payload, in its key order (spec 3.2)
+        out = {C.PARAM: param, C.CAT_DIM: 0, C.EP_IS_EXPERT_PARAM: True, C.EP_NUM_EXPERTS: rule.experts}
     if rule.vocab_rows is not None:
         param = param[:rule.vocab_rows, :]
         out[C.VOCAB_TENSOR] = True

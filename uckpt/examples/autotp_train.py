@@ -9,16 +9,16 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from .tiny_train import dump_state, finish, save_if_due
+from .tiny_train import dump_state, finish, load, save_if_due
 
 VOCAB = 128
 
 
-def build_model():
+def build_model(hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg)
 
@@ -31,8 +31,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--save-at", type=int, default=None)
     ap.add_argument("--global-batch", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=64, help="model width (4 heads, 2 kv heads)")
     ap.add_argument("--save-dir")
     ap.add_argument("--load-dir")
+    ap.add_argument("--load-tag", default=None)
+    ap.add_argument("--loader", choices=["deepspeed", "uckpt"], default="deepspeed")
     ap.add_argument("--dump-state")
     ap.add_argument("--report")
     args = ap.parse_args(argv)
@@ -42,7 +45,7 @@ def main(argv=None):
     deepspeed.init_distributed(dist_backend="gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = world // args.tp
-    model = build_model()
+    model = build_model(args.hidden)
     per_dp = args.global_batch // dp
     # No train_batch_size: DeepSpeed 0.19.8 checks it against the world size under ZeRO-1/2 and, under
     # ZeRO-3 with AutoTP, against different sizes on different ranks (seen here); it derives it instead.
@@ -50,11 +53,11 @@ def main(argv=None):
            "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
            "zero_optimization": {"stage": args.zero_stage}, "bf16": {"enabled": args.dtype == "bf16"},
            "tensor_parallel": {"autotp_size": args.tp}, "steps_per_print": 10**9}
-    if args.load_dir:
+    if args.load_dir and args.loader == "deepspeed":
         cfg["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     if args.load_dir:
-        engine.load_checkpoint(args.load_dir)
+        load(engine, args)
     if args.dump_state:
         dump_state(engine, args.dump_state)
     dp_rank = rank // args.tp

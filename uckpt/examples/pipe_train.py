@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .tiny_train import batch, dump_state, finish, save_if_due
+from .tiny_train import batch, dump_state, finish, load, save_if_due
 
 VOCAB, HIDDEN = 64, 32
 
@@ -40,6 +40,8 @@ def main(argv=None):
     ap.add_argument("--save-dir")
     ap.add_argument("--save-at", type=int, default=None, help="save after this many steps (default: at the end)")
     ap.add_argument("--load-dir")
+    ap.add_argument("--load-tag", default=None)
+    ap.add_argument("--loader", choices=["deepspeed", "uckpt"], default="deepspeed")
     ap.add_argument("--dump-state")
     ap.add_argument("--report")
     args = ap.parse_args(argv)
@@ -60,12 +62,12 @@ def main(argv=None):
            "gradient_accumulation_steps": 2,
            "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
            "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "steps_per_print": 10**9}
-    if args.load_dir:
+    if args.load_dir and args.loader == "deepspeed":
         cfg["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=cfg)
     if args.load_dir:
-        engine.load_checkpoint(args.load_dir)
+        load(engine, args)
     if args.dump_state:
         dump_state(engine, args.dump_state)
     dp_rank = engine.grid.get_data_parallel_rank()

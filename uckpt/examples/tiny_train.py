@@ -76,7 +76,7 @@ def ds_config(args, world: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if args.load_dir:
+    if args.load_dir and args.loader == "deepspeed":
         cfg["checkpoint"] = {"load_universal": args.load_universal}
     return cfg
 
@@ -96,6 +96,19 @@ def dump_state(engine, path: str):
             s = safe_get_full_optimizer_state(p, key)
             if s is not None:
                 out[key][name] = s.detach().clone().cpu()
+    out["frozen"], out["buffers"] = {}, {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            if hasattr(p, "ds_id"):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p]):
+                    out["frozen"][name] = p.detach().clone().cpu()
+            else:
+                out["frozen"][name] = p.detach().clone().cpu()
+    for name, b in engine.module.named_buffers():
+        out["buffers"][name] = b.detach().clone().cpu()
+    out["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.optimizer.param_groups]
     steps = []
     for st in engine.optimizer.optimizer.state.values():
         if "step" in st:
@@ -104,6 +117,32 @@ def dump_state(engine, path: str):
     out["global_steps"] = engine.global_steps
     if dist.get_rank() == 0:
         torch.save(out, path)
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read(2)-family calls (Linux /proc/self/io), else 0."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def load(engine, args):
+    """Resume with DeepSpeed's own loader or uckpt's rank-aware one (the example trainers share this).
+    With ``--report``, each rank writes ``<report>.load<rank>.json``: bytes it read while loading."""
+    before = _rchar()
+    info = {"loader": args.loader}
+    if args.loader == "uckpt":
+        import uckpt
+
+        info.update(uckpt.load_into_engine(engine, args.load_dir, tag=args.load_tag)["uckpt"])
+    else:
+        engine.load_checkpoint(args.load_dir, tag=args.load_tag)
+    info["rchar"] = _rchar() - before
+    if args.report:
+        with open(args.report + f".load{dist.get_rank()}.json", "w") as f:
+            json.dump(info, f)
 
 
 def save_if_due(engine, args, step: int):
@@ -138,6 +177,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=8)
     ap.add_argument("--global-batch", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--seed", type=int, default=0, help="initial weights (and buffer shift) of a fresh model")
     ap.add_argument("--no-tied", action="store_true")
     ap.add_argument("--no-extras", action="store_true", help="plain model: no frozen / buffer / empty params")
     ap.add_argument("--save-dir", help="save a native checkpoint here after training")
@@ -146,6 +186,8 @@ def main(argv=None):
     ap.add_argument("--load-dir", help="resume from this folder before training")
     ap.add_argument("--load-tag", default=None)
     ap.add_argument("--load-universal", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--loader", choices=["deepspeed", "uckpt"], default="deepspeed",
+                    help="resume with engine.load_checkpoint (deepspeed) or uckpt.load_into_engine")
     ap.add_argument("--dump-state", help="write full fp32/moments/step after start-up (rank 0)")
     ap.add_argument("--report", help="write a JSON report of the losses (rank 0)")
     args = ap.parse_args(argv)
@@ -157,16 +199,19 @@ def main(argv=None):
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} is not divisible by world size {world}")
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     # ZeRO-3 asserts when it fetches a zero-element parameter in forward (DeepSpeed 0.19.8), so the
     # zero-sized parameter is only part of the model under ZeRO-0/1/2.
     model = TinyLM(args.vocab, args.hidden, args.layers, tied=not args.no_tied, extras=not args.no_extras,
                    empty=args.zero_stage < 3)
+    if args.seed and not args.no_extras:
+        with torch.no_grad():
+            model.gain.add_(0.01 * args.seed)  # a fresh model whose buffer differs from a saved one
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1),
                                            config=ds_config(args, world))
     start = 0
     if args.load_dir:
-        engine.load_checkpoint(args.load_dir, tag=args.load_tag)
+        load(engine, args)
         start = engine.global_steps
     if args.dump_state:
         dump_state(engine, args.dump_state)

@@ -1,0 +1,85 @@
+"""Train a tiny random-weight Mixtral (built from a transformers config, never downloaded) with
+DeepSpeed AutoEP on CPU; save, or resume from a Universal checkpoint at another ``autoep_size``.
+
+Routed experts are sharded over ``--ep`` ranks; the rest of the model is data parallel over all
+ranks. The global batch is fixed and split over the ranks, so a step's loss does not depend on the
+topology. ``"use_grouped_mm": false`` is needed on CPU (the grouped GEMM kernels are GPU-only).
+"""
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from .tiny_train import dump_state, finish, load, save_if_due
+
+VOCAB = 128
+
+
+def build_model(experts: int = 8, hidden: int = 32):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        num_local_experts=experts, num_experts_per_tok=2)
+    return MixtralForCausalLM(cfg)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ep", type=int, default=2, help="autoep_size")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--data-before-ep", action="store_true",
+                    help="DeepSpeed's use_data_before_expert_parallelism expert-data layout")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--save-at", type=int, default=None)
+    ap.add_argument("--global-batch", type=int, default=4)
+    ap.add_argument("--save-dir")
+    ap.add_argument("--load-dir")
+    ap.add_argument("--load-tag", default=None)
+    ap.add_argument("--loader", choices=["deepspeed", "uckpt"], default="deepspeed")
+    ap.add_argument("--dump-state")
+    ap.add_argument("--report")
+    args = ap.parse_args(argv)
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = build_model(args.experts, args.hidden)
+    per_rank = args.global_batch // world
+    cfg = {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
+           "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
+           "zero_optimization": {"stage": args.zero_stage}, "bf16": {"enabled": args.dtype == "bf16"},
+           "expert_parallel": {"enabled": True, "autoep_size": args.ep, "preset_model": "mixtral",
+                               "use_grouped_mm": False},
+           "steps_per_print": 10**9}
+    if args.data_before_ep:
+        cfg["use_data_before_expert_parallelism"] = True
+    if args.load_dir and args.loader == "deepspeed":
+        cfg["checkpoint"] = {"load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    if args.load_dir:
+        load(engine, args)
+    if args.dump_state:
+        dump_state(engine, args.dump_state)
+    losses = []
+    start = engine.global_steps
+    for step in range(start, start + args.steps):
+        g = torch.Generator().manual_seed(1000 + step)
+        data = torch.randint(0, VOCAB, (args.global_batch, 16), generator=g)[rank * per_rank:(rank + 1) * per_rank]
+        loss = engine(input_ids=data, labels=data).loss
+        engine.backward(loss)
+        engine.step()
+        t = loss.detach().float().clone()
+        dist.all_reduce(t)
+        losses.append(t.item() / world)
+        save_if_due(engine, args, step)
+    finish(engine, args, start, losses)
+
+
+if __name__ == "__main__":
+    main()
