@@ -43,6 +43,16 @@ CKPTS: Dict[str, Ckpt] = {
                             module="uckpt.examples.autotp_train", steps=3, save_at=2),
     "tp2-dp1-z3-bf16": Ckpt(2, ("--tp", "2", "--zero-stage", "3", "--dtype", "bf16"),
                             module="uckpt.examples.autotp_train", steps=3, save_at=2),
+    # AutoEP: tiny random-weight Mixtral, 8 experts over autoep_size 2 (per-expert files, expert param groups)
+    "ep2-dp2-z2-bf16": Ckpt(2, ("--ep", "2", "--zero-stage", "2", "--dtype", "bf16"),
+                            module="uckpt.examples.autoep_train", steps=4, save_at=2),
+    # DP=4 over EP=2: each EP rank's experts partitioned over 2 expert-data-parallel ranks
+    "ep2-dp4-z1-fp32": Ckpt(4, ("--ep", "2", "--zero-stage", "1", "--dtype", "fp32"),
+                            module="uckpt.examples.autoep_train", steps=3, save_at=2),
+    "ep2-dp4-z2-bf16-dbep": Ckpt(4, ("--ep", "2", "--zero-stage", "2", "--dtype", "bf16", "--data-before-ep"),
+                                 module="uckpt.examples.autoep_train", steps=3, save_at=2),
+    "ep2-dp2-z3-bf16": Ckpt(2, ("--ep", "2", "--zero-stage", "3", "--dtype", "bf16"),
+                            module="uckpt.examples.autoep_train", steps=3, save_at=2),
 }
 
 

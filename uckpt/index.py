@@ -89,17 +89,19 @@ def _uc_info(model0: ModelMeta, path: str, inject: bool):
 def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_state: bool = False,
                 strict: bool = True) -> CheckpointIndex:
     stage = _stage_of(files, metas)
-    ep_info = autoep.collect([(s.path, metas[s.index]) for s in files.model_sources()], files.expert_files,
-                             files.folder)
-    if ep_info is not None and (stage == 3 or files.family == "zero3"):
-        if not autoep.is_zero3_partitioned(ep_info.layers):
+    if stage == 3 or files.family == "zero3":
+        layers = [e for s in files.model_sources() for e in (metas[s.index].autoep_layers or [])]
+        if layers and not autoep.is_zero3_partitioned(layers):
             raise UnsupportedCheckpointError(
                 "is a ZeRO-3 AutoEP checkpoint in the legacy (non partition-native) format: AutoEP currently requires "
                 "ZeRO Stage 1 or 2 for Universal conversion", files.model_sources()[0].path,
                 "save with ZeRO stage 1 or 2, or with DeepSpeed's partition-native ZeRO-3 AutoEP format")
-        raise UnsupportedCheckpointError("is a partition-native ZeRO-3 AutoEP checkpoint, which uckpt does not "
-                                         "convert yet", files.model_sources()[0].path,
-                                         "use DeepSpeed's ds_to_universal.py for this checkpoint")
+        if layers:
+            raise UnsupportedCheckpointError("is a partition-native ZeRO-3 AutoEP checkpoint, which uckpt does not "
+                                             "convert yet", files.model_sources()[0].path,
+                                             "use DeepSpeed's ds_to_universal.py for this checkpoint")
+    ep_info = None if files.family == "zero3" else autoep.collect(
+        [(s.path, metas[s.index]) for s in files.model_sources()], files.expert_files, files.folder)
     if files.family == "zero3":
         return _build_zero3(files, metas, stage, strict)
     if ep_info is not None:

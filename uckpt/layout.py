@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 from . import constants as C
-from .errors import CheckpointError, UnsupportedCheckpointError
+from .errors import CheckpointError
 from .shard import Source
 
 ZERO12_MODEL_RE = re.compile(rf"^{C.MODEL_FILE_PREFIX}(\d+){C.MODEL_FILE_SUFFIX}$")

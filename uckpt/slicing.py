@@ -15,7 +15,7 @@ piece covers are zero (vocabulary padding, ZeRO-3 tail padding), as in DeepSpeed
 Pure functions: no process group, no engine. :mod:`uckpt.load` supplies the target description.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch

@@ -10,9 +10,8 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from .tiny_train import dump_state, finish, load, save_if_due
-
-VOCAB = 128
+from .autotp_train import VOCAB, resume_and_train
+from .tiny_train import add_job_args
 
 
 def build_model(experts: int = 8, hidden: int = 32):
@@ -35,14 +34,8 @@ def main(argv=None):
     ap.add_argument("--data-before-ep", action="store_true",
                     help="DeepSpeed's use_data_before_expert_parallelism expert-data layout")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--save-at", type=int, default=None)
     ap.add_argument("--global-batch", type=int, default=4)
-    ap.add_argument("--save-dir")
-    ap.add_argument("--load-dir")
-    ap.add_argument("--load-tag", default=None)
-    ap.add_argument("--loader", choices=["deepspeed", "uckpt"], default="deepspeed")
-    ap.add_argument("--dump-state")
-    ap.add_argument("--report")
+    add_job_args(ap)
     args = ap.parse_args(argv)
 
     import deepspeed
@@ -62,24 +55,7 @@ def main(argv=None):
     if args.load_dir and args.loader == "deepspeed":
         cfg["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    if args.load_dir:
-        load(engine, args)
-    if args.dump_state:
-        dump_state(engine, args.dump_state)
-    losses = []
-    start = engine.global_steps
-    for step in range(start, start + args.steps):
-        g = torch.Generator().manual_seed(1000 + step)
-        data = torch.randint(0, VOCAB, (args.global_batch, 16), generator=g)[rank * per_rank:(rank + 1) * per_rank]
-        loss = engine(input_ids=data, labels=data).loss
-        engine.backward(loss)
-        engine.step()
-        t = loss.detach().float().clone()
-        dist.all_reduce(t)
-        losses.append(t.item() / world)
-        save_if_due(engine, args, step)
-    finish(engine, args, start, losses)
-
+    resume_and_train(engine, args, rank * per_rank, per_rank)
 
 if __name__ == "__main__":
     main()

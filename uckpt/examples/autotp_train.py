@@ -9,7 +9,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from .tiny_train import dump_state, finish, load, save_if_due
+from .tiny_train import add_job_args, dump_state, finish, load, save_if_due
 
 VOCAB = 128
 
@@ -29,15 +29,9 @@ def main(argv=None):
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--save-at", type=int, default=None)
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=64, help="model width (4 heads, 2 kv heads)")
-    ap.add_argument("--save-dir")
-    ap.add_argument("--load-dir")
-    ap.add_argument("--load-tag", default=None)
-    ap.add_argument("--loader", choices=["deepspeed", "uckpt"], default="deepspeed")
-    ap.add_argument("--dump-state")
-    ap.add_argument("--report")
+    add_job_args(ap)
     args = ap.parse_args(argv)
 
     import deepspeed
@@ -56,16 +50,22 @@ def main(argv=None):
     if args.load_dir and args.loader == "deepspeed":
         cfg["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    resume_and_train(engine, args, (rank // args.tp) * per_dp, per_dp)
+
+
+def resume_and_train(engine, args, row: int, rows: int):
+    """Resume if asked, then train ``--steps`` steps of a causal LM on rows ``[row, row + rows)`` of each
+    step's fixed global batch (shared by the Hugging Face example trainers)."""
     if args.load_dir:
         load(engine, args)
     if args.dump_state:
         dump_state(engine, args.dump_state)
-    dp_rank = rank // args.tp
+    world = dist.get_world_size()
     losses = []
     start = engine.global_steps
     for step in range(start, start + args.steps):
         g = torch.Generator().manual_seed(1000 + step)
-        data = torch.randint(0, VOCAB, (args.global_batch, 16), generator=g)[dp_rank * per_dp:(dp_rank + 1) * per_dp]
+        data = torch.randint(0, VOCAB, (args.global_batch, 16), generator=g)[row:row + rows]
         loss = engine(input_ids=data, labels=data).loss
         engine.backward(loss)
         engine.step()
@@ -74,7 +74,6 @@ def main(argv=None):
         losses.append(t.item() / world)
         save_if_due(engine, args, step)
     finish(engine, args, start, losses)
-
 
 if __name__ == "__main__":
     main()

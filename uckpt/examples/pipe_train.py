@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .tiny_train import batch, dump_state, finish, load, save_if_due
+from .tiny_train import add_job_args, batch, dump_state, finish, load, save_if_due
 
 VOCAB, HIDDEN = 64, 32
 
@@ -37,13 +37,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--global-batch", type=int, default=12)
     ap.add_argument("--seq", type=int, default=8)
-    ap.add_argument("--save-dir")
-    ap.add_argument("--save-at", type=int, default=None, help="save after this many steps (default: at the end)")
-    ap.add_argument("--load-dir")
-    ap.add_argument("--load-tag", default=None)
-    ap.add_argument("--loader", choices=["deepspeed", "uckpt"], default="deepspeed")
-    ap.add_argument("--dump-state")
-    ap.add_argument("--report")
+    add_job_args(ap)
     args = ap.parse_args(argv)
 
     import deepspeed

@@ -145,6 +145,18 @@ def load(engine, args):
             json.dump(info, f)
 
 
+def add_job_args(ap):
+    """The save / resume / report options every example trainer takes."""
+    ap.add_argument("--save-dir", help="save a native checkpoint here")
+    ap.add_argument("--save-at", type=int, default=None, help="save after this many steps (default: at the end)")
+    ap.add_argument("--load-dir", help="resume from this folder (Universal) before training")
+    ap.add_argument("--load-tag", default=None)
+    ap.add_argument("--loader", choices=["deepspeed", "uckpt"], default="deepspeed",
+                    help="resume with engine.load_checkpoint (deepspeed) or uckpt.load_into_engine")
+    ap.add_argument("--dump-state", help="write full fp32/moments/step after start-up (rank 0)")
+    ap.add_argument("--report", help="write a JSON report of the losses (rank 0)")
+
+
 def save_if_due(engine, args, step: int):
     """Save after ``step`` when ``--save-at`` names it (the example trainers share this)."""
     if args.save_dir and args.save_at is not None and step + 1 == args.save_at:
@@ -180,16 +192,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="initial weights (and buffer shift) of a fresh model")
     ap.add_argument("--no-tied", action="store_true")
     ap.add_argument("--no-extras", action="store_true", help="plain model: no frozen / buffer / empty params")
-    ap.add_argument("--save-dir", help="save a native checkpoint here after training")
-    ap.add_argument("--save-at", type=int, default=None, help="save after this many steps (default: at the end)")
     ap.add_argument("--tag", default=None)
-    ap.add_argument("--load-dir", help="resume from this folder before training")
-    ap.add_argument("--load-tag", default=None)
     ap.add_argument("--load-universal", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--loader", choices=["deepspeed", "uckpt"], default="deepspeed",
-                    help="resume with engine.load_checkpoint (deepspeed) or uckpt.load_into_engine")
-    ap.add_argument("--dump-state", help="write full fp32/moments/step after start-up (rank 0)")
-    ap.add_argument("--report", help="write a JSON report of the losses (rank 0)")
+    add_job_args(ap)
     args = ap.parse_args(argv)
 
     import deepspeed

@@ -1,0 +1,114 @@
+"""AutoEP checkpoints written by real DeepSpeed (a tiny random-weight Mixtral, 8 experts, autoep_size 2):
+output equal to ds_to_universal.py, resumption at autoep_size 1 and 4 through DeepSpeed's loader and
+uckpt's, and every failure case of the guide on damaged copies of a real checkpoint."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import uckpt
+from uckpt import cli
+from uckpt import constants as C
+from uckpt.compare import compare_universal, load_state
+from uckpt.errors import CheckpointError
+
+from test_resume import _assert_same_state
+
+EXPERT = "model.layers.1.mlp.experts.w2"
+
+
+@pytest.mark.parametrize("name,nproc", [("ep2-dp2-z2-bf16", 1), ("ep2-dp2-z2-bf16", 2), ("ep2-dp4-z1-fp32", 3),
+                                        ("ep2-dp4-z2-bf16-dbep", 2)])
+def test_autoep_matches_deepspeed(store, name, nproc):
+    ours, theirs = store.universal_pair(name, nproc)
+    assert compare_universal(ours, theirs) == []
+    w2 = load_state(ours, EXPERT, "exp_avg")
+    assert w2["is_expert_param"] is True and w2["ep_num_experts"] == 8 and w2["param"].shape == (8, 32, 64)
+    info = torch.load(os.path.join(ours, "mp_rank_00_model_states.pt"), weights_only=False)[C.UNIVERSAL_CHECKPOINT_INFO]
+    assert [e["num_experts"] for e in info[C.AUTOEP_LAYERS_KEY]] == [8, 8]
+
+
+def test_expert_rows_are_the_saved_experts(store):
+    """Expert g of the consolidated tensor is the bf16 weight DeepSpeed saved in expert g's own file."""
+    name = "ep2-dp2-z2-bf16"
+    ours, _ = store.universal_pair(name, 2)
+    full = load_state(ours, EXPERT, "fp32")["param"]
+    for g in range(8):
+        saved = torch.load(os.path.join(store.tag(name), f"layer_1_expert_{g}_mp_rank_00_model_states.pt"),
+                           weights_only=False)[f"{EXPERT}.{g}"]
+        assert torch.equal(full[g].to(saved.dtype), saved), g
+
+
+@pytest.mark.parametrize("ep,world", [(1, 2), (4, 4)])
+def test_resume_at_other_autoep_size(store, ep, world):
+    """Saved at autoep_size 2, resumed at 1 and 4: from uckpt's conversion with DeepSpeed's loader and with
+    uckpt's, the same state as DeepSpeed's loader on DeepSpeed's own conversion, and the same losses."""
+    name = "ep2-dp2-z2-bf16"
+    ours_u, theirs_u = store.universal_pair(name, 2)
+    args = ("--ep", str(ep), "--zero-stage", "2", "--dtype", "bf16")
+    theirs, report_theirs = store.resume(name, theirs_u, world, *args)
+    ours, report_ours = store.resume(name, ours_u, world, *args)
+    loaded, report_loaded = store.resume(name, ours_u, world, *args, "--loader", "uckpt")
+    for state, report in ((ours, report_ours), (loaded, report_loaded)):
+        _assert_same_state(state, theirs)
+        assert report["losses"] == report_theirs["losses"]
+    assert EXPERT in theirs["params"] and theirs["global_steps"] == 2
+    reference = store.reference_losses(name)[2:4]
+    assert report_ours["losses"] == pytest.approx(reference, rel=2e-2)
+
+
+def _convert(capsys, tag, out):
+    rc = cli.main(["convert", "--quiet", "--input_folder", tag, "--output_folder", out])
+    return rc, capsys.readouterr().err
+
+
+def test_missing_expert_file(copy_tag, tmp_path, capsys):
+    tag = copy_tag("ep2-dp2-z2-bf16")
+    os.remove(os.path.join(tag, "layer_1_expert_5_mp_rank_00_model_states.pt"))
+    with pytest.raises(FileNotFoundError, match="layer_1_expert_5_mp_rank_.*is missing"):
+        uckpt.convert(tag, str(tmp_path / "out" / "u"))
+    rc, err = _convert(capsys, tag, str(tmp_path / "out2" / "u"))
+    assert rc != 0 and "layer_1_expert_5" in err
+
+
+def test_two_mp_rank_files_for_one_expert(copy_tag, tmp_path):
+    tag = copy_tag("ep2-dp2-z2-bf16")
+    shutil.copy(os.path.join(tag, "layer_0_expert_3_mp_rank_00_model_states.pt"),
+                os.path.join(tag, "layer_0_expert_3_mp_rank_01_model_states.pt"))
+    with pytest.raises(NotImplementedError, match="layer 0, expert 3.*AutoEP \\+ AutoTP"):
+        uckpt.convert(tag, str(tmp_path / "out" / "u"))
+
+
+def test_expert_files_without_autoep_metadata(copy_tag, tmp_path):
+    """The guide's rule for native DeepSpeed-MoE / Megatron-DeepSpeed expert files (DeepSpeed 0.19.8's
+    converter skips them silently)."""
+    tag = copy_tag("ep2-dp2-z2-bf16")
+    path = os.path.join(tag, "mp_rank_00_model_states.pt")
+    sd = torch.load(path, weights_only=False)
+    del sd[C.AUTOEP_LAYERS_KEY]
+    torch.save(sd, path)
+    with pytest.raises(RuntimeError, match="no ds_autoep_layers.*model-specific migration step"):
+        uckpt.convert(tag, str(tmp_path / "out" / "u"))
+
+
+def test_zero3_legacy_autoep_format_refused(copy_tag, tmp_path):
+    tag = copy_tag("ep2-dp2-z3-bf16")
+    for f in os.listdir(tag):
+        if f.endswith("_model_states.pt"):
+            sd = torch.load(os.path.join(tag, f), weights_only=False)
+            for entry in sd[C.AUTOEP_LAYERS_KEY]:
+                entry["checkpoint_format"] = "per_expert_files"  # what a pre-partition-native save recorded
+            torch.save(sd, os.path.join(tag, f))
+    with pytest.raises(NotImplementedError, match="AutoEP currently requires ZeRO Stage 1 or 2"):
+        uckpt.convert(tag, str(tmp_path / "out" / "u"))
+
+
+def test_expert_count_must_divide_target_ep(store):
+    ours, _ = store.universal_pair("ep2-dp2-z2-bf16", 2)
+    for ep in (1, 2, 4, 8):
+        sd = uckpt.load_state_dict(ours, uckpt.Topology(ep_rank=ep - 1, ep_size=ep), names=[EXPERT])
+        assert sd[EXPERT].shape == (8 // ep, 32, 64)
+        assert torch.equal(sd[EXPERT], load_state(ours, EXPERT, "fp32")["param"][(ep - 1) * 8 // ep:8])
+    with pytest.raises(CheckpointError, match="8 experts, which do not divide over expert-parallel size 3"):
+        uckpt.load_state_dict(ours, uckpt.Topology(ep_rank=0, ep_size=3), names=[EXPERT])
