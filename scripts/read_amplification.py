@@ -23,6 +23,8 @@ CASES = [
      (2, ("--tp", "2", "--zero-stage", "1"))),
     ("TP=2 -> TP=2 x DP=2 (ZeRO-2)", "uckpt.examples.autotp_train", (2, ("--tp", "2", "--zero-stage", "1")),
      (4, ("--tp", "2", "--zero-stage", "2"))),
+    ("EP=2 -> EP=2 (AutoEP, ZeRO-2, DP=2)", "uckpt.examples.autoep_train", (2, ("--ep", "2", "--zero-stage", "2")),
+     (2, ("--ep", "2", "--zero-stage", "2"))),
     ("DP=2 -> DP=3 (ZeRO-2, no TP)", "uckpt.examples.tiny_train", (2, ("--zero-stage", "2")),
      (3, ("--zero-stage", "2"))),
 ]
@@ -35,7 +37,7 @@ def folder_bytes(path: str) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/read_amp")
-    ap.add_argument("--hidden", type=int, default=256, help="model width of both trainers")
+    ap.add_argument("--hidden", type=int, default=256, help="model width of every trainer")
     args = ap.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.makedirs(args.workdir, exist_ok=True)

@@ -112,3 +112,12 @@ def test_expert_count_must_divide_target_ep(store):
         assert torch.equal(sd[EXPERT], load_state(ours, EXPERT, "fp32")["param"][(ep - 1) * 8 // ep:8])
     with pytest.raises(CheckpointError, match="8 experts, which do not divide over expert-parallel size 3"):
         uckpt.load_state_dict(ours, uckpt.Topology(ep_rank=0, ep_size=3), names=[EXPERT])
+
+
+def test_inspect_reports_expert_parallelism(store):
+    from uckpt.inspect import inspect_path
+
+    info = inspect_path(store.tag("ep2-dp4-z1-fp32"))
+    assert info["ep"] == 2 and info["dp"] == 4 and info["convertible"] is True
+    assert info["autoep_layers"] == [("model.layers.0.mlp.experts", 8), ("model.layers.1.mlp.experts", 8)]
+    assert info["expert_files"] == 16

@@ -56,6 +56,12 @@ def _native(path: str) -> Dict[str, Any]:
             "universal_checkpoint_info": _uc_summary(model0.uc_info),
             "autoep_metadata": any(getattr(m, "has_autoep", False) for m in metas.values()),
         }
+        layers = [e for s in files.model_sources() for e in (metas[s.index].autoep_layers or [])
+                  if isinstance(e, dict)]
+        if layers:
+            info["ep"] = max(e.get(C.AUTOEP_EP_SIZE, 1) for e in layers)
+            info["autoep_layers"] = sorted({(e.get(C.AUTOEP_EXPERT_KEY_PREFIX), e.get(C.AUTOEP_NUM_EXPERTS))
+                                            for e in layers})
         try:
             index = build_index(files, metas, inject_missing_state=True)
             info.update(params=len(index.params), elements=index.total_numel,
@@ -103,7 +109,7 @@ def format_table(info: Dict[str, Any]) -> str:
     rows = [("kind", info.get("kind")), ("path", info.get("path"))]
     keys = ["family", "zero_stage", "dtype", "dp", "tp", "pp", "ep", "files", "bytes", "params", "elements",
             "fp32_only_folders", "tied_aliases", "bytes_per_state", "steps", "param_groups", "model_files",
-            "global_steps", "ds_version", "expert_files", "pipeline_layer_files", "autoep_metadata",
+            "global_steps", "ds_version", "expert_files", "pipeline_layer_files", "autoep_metadata", "autoep_layers",
             "universal_checkpoint_info", "convertible", "needs", "why", "note"]
     rows += [(k, info[k]) for k in keys if k in info and info[k] is not None]
     width = max(len(k) for k, _ in rows)

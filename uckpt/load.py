@@ -275,6 +275,16 @@ def _same(a, b) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and float(a) == float(b))
 
 
+def _stage3_ep(param) -> Tuple[int, int]:
+    """A ZeRO-3 expert parameter's EP rank / size, from the group it is partitioned over (as DeepSpeed)."""
+    from deepspeed.utils import groups
+
+    name = getattr(param, "ds_zero_partition_group_name", None)
+    if name is not None and name in groups._get_expert_parallel_group_dict():
+        return groups._get_expert_parallel_rank(name), groups._get_expert_parallel_world_size(name)
+    return 0, 1
+
+
 def _stage3_partition(optimizer, param, folder: str, state: str) -> torch.Tensor:
     import torch.distributed as dist
     from deepspeed.utils import groups
@@ -287,11 +297,7 @@ def _stage3_partition(optimizer, param, folder: str, state: str) -> torch.Tensor
     if meta:
         tp_group = groups.get_tensor_model_parallel_group()
         tp = (dist.get_rank(tp_group), dist.get_world_size(tp_group))
-    ep = (0, 1)
-    ep_group = getattr(param, "ds_zero_partition_group_name", None)
-    if ep_group is not None and ep_group in groups._get_expert_parallel_group_dict():
-        ep = (groups._get_expert_parallel_rank(ep_group), groups._get_expert_parallel_world_size(ep_group))
-    target = _target(param, name, param.ds_shape, tp, ep)
+    target = _target(param, name, param.ds_shape, tp, _stage3_ep(param))
     tensor, info = _open_state(_state_path(folder, name, state))
     smap = shard_map(tensor.shape, info, target, state)
     start, length, size = zero3_span(smap.numel, rank, world)
@@ -386,8 +392,11 @@ def _restore_module_extras(engine, folder: str, stage3: bool, tp=(0, 1)) -> Dict
 def _precheck(optimizer, folder: str, stage3: bool):
     """Every rank checks every trainable parameter before touching the engine, so a missing folder or
     a shape mismatch fails on all ranks alike instead of leaving some waiting in a collective."""
+    from deepspeed.runtime.base_optimizer import _get_universal_checkpoint_ep_info
+
     groups = optimizer.fp16_groups if stage3 else _lp_groups(optimizer)
     tp = (0, 1) if stage3 else _tp_info(optimizer)
+    ep = None if stage3 else _get_universal_checkpoint_ep_info()
     for params in groups:
         for param in params:
             name = optimizer.param_names[param]
@@ -397,7 +406,8 @@ def _precheck(optimizer, folder: str, stage3: bool):
                                       fix="the Universal folder is incomplete; convert again")
             tensor, info = _open_state(_state_path(folder, name, C.FP32_WEIGHT_KEY))
             shape = tuple(param.ds_shape) if stage3 else tuple(param.shape)
-            smap = shard_map(tensor.shape, info, _target(param, name, shape, tp), C.FP32_WEIGHT_KEY)
+            smap = shard_map(tensor.shape, info, _target(param, name, shape, tp, ep or _stage3_ep(param)),
+                             C.FP32_WEIGHT_KEY)
             if smap.numel != torch.Size(shape).numel() and not getattr(param, C.DS_AUTOTP_UC_META, None):
                 raise CheckpointError(f"parameter {name}: checkpoint shape {list(tensor.shape)} gives this rank "
                                       f"{list(smap.shard_shape)}, the target parameter is {list(shape)}",
