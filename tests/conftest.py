@@ -43,6 +43,12 @@ CKPTS: Dict[str, Ckpt] = {
                             module="uckpt.examples.autotp_train", steps=3, save_at=2),
     "tp2-dp1-z3-bf16": Ckpt(2, ("--tp", "2", "--zero-stage", "3", "--dtype", "bf16"),
                             module="uckpt.examples.autotp_train", steps=3, save_at=2),
+    # AutoTP on a custom nn.Module split by a custom layer spec (column, fused 2-sub-parameter column, row, replicated)
+    "tp2-custom-z2-fp32": Ckpt(2, ("--model", "custom", "--tp", "2", "--zero-stage", "2", "--dtype", "fp32"),
+                               module="uckpt.examples.autotp_train", steps=3, save_at=2),
+    # Llama with 8 heads / 4 kv heads, so it can resume at TP=4
+    "tp2-llama8h-z1-bf16": Ckpt(2, ("--heads", "8", "--kv-heads", "4", "--tp", "2", "--zero-stage", "1", "--dtype",
+                                    "bf16"), module="uckpt.examples.autotp_train", steps=3, save_at=2),
     # AutoEP: tiny random-weight Mixtral, 8 experts over autoep_size 2 (per-expert files, expert param groups)
     "ep2-dp2-z2-bf16": Ckpt(2, ("--ep", "2", "--zero-stage", "2", "--dtype", "bf16"),
                             module="uckpt.examples.autoep_train", steps=4, save_at=2),
@@ -51,7 +57,10 @@ CKPTS: Dict[str, Ckpt] = {
                             module="uckpt.examples.autoep_train", steps=3, save_at=2),
     "ep2-dp4-z2-bf16-dbep": Ckpt(4, ("--ep", "2", "--zero-stage", "2", "--dtype", "bf16", "--data-before-ep"),
                                  module="uckpt.examples.autoep_train", steps=3, save_at=2),
+    # ZeRO-3, partition-native AutoEP (experts are ZeRO-3 params partitioned over expert-data-parallel ranks)
     "ep2-dp2-z3-bf16": Ckpt(2, ("--ep", "2", "--zero-stage", "3", "--dtype", "bf16"),
+                            module="uckpt.examples.autoep_train", steps=4, save_at=2),
+    "ep2-dp4-z3-fp32": Ckpt(4, ("--ep", "2", "--zero-stage", "3", "--dtype", "fp32"),
                             module="uckpt.examples.autoep_train", steps=3, save_at=2),
 }
 

@@ -19,13 +19,15 @@ EXPERT = "model.layers.1.mlp.experts.w2"
 
 
 @pytest.mark.parametrize("name,nproc", [("ep2-dp2-z2-bf16", 1), ("ep2-dp2-z2-bf16", 2), ("ep2-dp4-z1-fp32", 3),
-                                        ("ep2-dp4-z2-bf16-dbep", 2)])
+                                        ("ep2-dp4-z2-bf16-dbep", 2), ("ep2-dp2-z3-bf16", 2),
+                                        ("ep2-dp4-z3-fp32", 3)])
 def test_autoep_matches_deepspeed(store, name, nproc):
     ours, theirs = store.universal_pair(name, nproc)
     assert compare_universal(ours, theirs) == []
     w2 = load_state(ours, EXPERT, "exp_avg")
     assert w2["is_expert_param"] is True and w2["ep_num_experts"] == 8 and w2["param"].shape == (8, 32, 64)
-    info = torch.load(os.path.join(ours, "mp_rank_00_model_states.pt"), weights_only=False)[C.UNIVERSAL_CHECKPOINT_INFO]
+    model_file = "mp_rank_00_model_states.pt" if "z3" not in name else "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    info = torch.load(os.path.join(ours, model_file), weights_only=False)[C.UNIVERSAL_CHECKPOINT_INFO]
     assert [e["num_experts"] for e in info[C.AUTOEP_LAYERS_KEY]] == [8, 8]
 
 
@@ -56,6 +58,23 @@ def test_resume_at_other_autoep_size(store, ep, world):
     assert EXPERT in theirs["params"] and theirs["global_steps"] == 2
     reference = store.reference_losses(name)[2:4]
     assert report_ours["losses"] == pytest.approx(reference, rel=2e-2)
+
+
+@pytest.mark.parametrize("ep,world", [(1, 2), (2, 2)])
+def test_zero3_autoep_resume(store, ep, world):
+    """Partition-native ZeRO-3 AutoEP, saved at autoep_size 2: DeepSpeed's loader on uckpt's conversion and
+    uckpt's loader reach the state DeepSpeed's loader reaches from DeepSpeed's own conversion."""
+    name = "ep2-dp2-z3-bf16"
+    ours_u, theirs_u = store.universal_pair(name, 2)
+    args = ("--ep", str(ep), "--zero-stage", "3", "--dtype", "bf16")
+    theirs, report_theirs = store.resume(name, theirs_u, world, *args)
+    ours, report_ours = store.resume(name, ours_u, world, *args)
+    loaded, _ = store.resume(name, ours_u, world, *args, "--loader", "uckpt")
+    _assert_same_state(ours, theirs)
+    assert report_ours["losses"] == report_theirs["losses"]
+    # uckpt's loader keeps each param group's hyperparameters (one group here), so the states agree
+    _assert_same_state(loaded, theirs)
+    assert EXPERT in theirs["params"]
 
 
 def _convert(capsys, tag, out):

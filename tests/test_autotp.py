@@ -7,11 +7,16 @@ from uckpt.compare import checkpoint_files, compare_universal, load_state
 
 
 @pytest.mark.parametrize("name,nproc", [("tp2-dp2-z2-bf16", 1), ("tp2-dp2-z2-bf16", 3), ("tp2-dp1-z1-fp32", 2),
-                                        ("tp2-dp1-z3-bf16", 1), ("tp2-dp1-z3-bf16", 2)])
+                                        ("tp2-dp1-z3-bf16", 1), ("tp2-dp1-z3-bf16", 2), ("tp2-custom-z2-fp32", 2),
+                                        ("tp2-llama8h-z1-bf16", 1)])
 def test_autotp_matches_deepspeed(store, name, nproc):
     ours, theirs = store.universal_pair(name, nproc)
-    assert len(checkpoint_files(ours)) > 40
+    assert len(checkpoint_files(ours)) > 30
     assert compare_universal(ours, theirs) == []
+    if "custom" in name:  # the fused layer: two sub-parameters with their per-rank widths
+        gate_up = load_state(ours, "blocks.1.gate_up.weight", "exp_avg_sq")
+        assert gate_up["param"].shape == (256, 64) and gate_up["sub_param_shape"].partition_dim == 0
+        return
     head = load_state(ours, "lm_head.weight", "fp32")
     assert head["vocab_tensor"] is True and head["param"].shape == (128, 64)  # merged from two [64, 64] slices
     q = load_state(ours, "model.layers.0.self_attn.k_proj.weight", "exp_avg")
@@ -35,4 +40,48 @@ def test_autotp_resume_at_tp1_matches_deepspeed_conversion(store):
     full = load_state(ours, "model.layers.1.mlp.down_proj.weight", "fp32")["param"]
     assert torch.equal(state_ours["params"]["model.layers.1.mlp.down_proj.weight"], full)
     reference = store.reference_losses("tp2-dp2-z2-bf16")[2:4]
+    assert report_ours["losses"] == pytest.approx(reference, rel=2e-2)
+
+
+def _same_tp_state(ours, theirs, report_ours, report_theirs):
+    assert ours["global_steps"] == theirs["global_steps"] == 2
+    for key in ("params", "exp_avg", "exp_avg_sq"):
+        assert ours[key].keys() == theirs[key].keys() and len(ours[key]) > 5
+        for pname in ours[key]:
+            assert torch.equal(ours[key][pname], theirs[key][pname]), (key, pname)
+    assert ours["step"] == theirs["step"]
+    assert report_ours["losses"] == report_theirs["losses"]
+
+
+def test_custom_module_resume_at_tp1(store):
+    """The custom-spec module saved at TP=2, resumed at TP=1 x DP=2: DeepSpeed's loader on uckpt's and on
+    DeepSpeed's conversion, and uckpt's loader, reach one state; the fused layer is whole again."""
+    name = "tp2-custom-z2-fp32"
+    ours_u, theirs_u = store.universal_pair(name, 2)
+    args = ("--model", "custom", "--tp", "1", "--zero-stage", "2", "--dtype", "fp32")
+    theirs, report_theirs = store.resume(name, theirs_u, 2, *args)
+    ours, report_ours = store.resume(name, ours_u, 2, *args)
+    loaded, report_loaded = store.resume(name, ours_u, 2, *args, "--loader", "uckpt")
+    _same_tp_state(ours, theirs, report_ours, report_theirs)
+    _same_tp_state(loaded, theirs, report_loaded, report_theirs)
+    full = load_state(ours_u, "blocks.0.gate_up.weight", "fp32")["param"]
+    assert torch.equal(ours["params"]["blocks.0.gate_up.weight"], full)
+    reference = store.reference_losses(name)[2:4]
+    assert report_ours["losses"] == pytest.approx(reference, rel=2e-2)
+
+
+def test_llama_resume_at_tp4(store):
+    """Saved at TP=2, resumed at TP=4 (8 heads, 4 kv heads): the same state (rank 0's TP shards) and losses
+    through DeepSpeed's loader on both conversions and through uckpt's loader."""
+    name = "tp2-llama8h-z1-bf16"
+    ours_u, theirs_u = store.universal_pair(name, 1)
+    args = ("--heads", "8", "--kv-heads", "4", "--tp", "4", "--zero-stage", "1", "--dtype", "bf16")
+    theirs, report_theirs = store.resume(name, theirs_u, 4, *args)
+    ours, report_ours = store.resume(name, ours_u, 4, *args)
+    loaded, report_loaded = store.resume(name, ours_u, 4, *args, "--loader", "uckpt")
+    _same_tp_state(ours, theirs, report_ours, report_theirs)
+    _same_tp_state(loaded, theirs, report_loaded, report_theirs)
+    k = ours["params"]["model.layers.0.self_attn.k_proj.weight"]
+    assert k.shape == (8, 64)  # a quarter of 4 kv heads x 8
+    reference = store.reference_losses(name)[2:4]
     assert report_ours["losses"] == pytest.approx(reference, rel=2e-2)

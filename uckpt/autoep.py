@@ -154,3 +154,60 @@ def place_rows(offset: int, numel: int, row: int, experts: Sequence[int], taken:
             out.append((pos, stop - pos, g * row + pos - j * row))
         pos = stop
     return out
+
+
+class Zero3Experts:
+    """Partition-native ZeRO-3 AutoEP (spec 3.3): each DP rank's model file names the EP rank whose
+    experts its partitions hold; a partition is a run of that EP rank's local ``[E_local, ...]`` tensor."""
+
+    def __init__(self, by_rank: Dict[int, Dict[str, Dict[str, Any]]]):
+        self.by_rank = by_rank  # dp rank -> "<prefix>.wK" -> that file's layer entry
+        self.names = set().union(*[set(v) for v in by_rank.values()]) if by_rank else set()
+        self._taken: Dict[Tuple[str, int], int] = {}  # (name, global expert) -> EP rank read from
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def num_experts(self, name: str) -> int:
+        return next(v[name] for v in self.by_rank.values() if name in v)[C.AUTOEP_NUM_EXPERTS]
+
+    def place(self, name: str, dp_rank: int, local_shape: Tuple[int, ...], frag):
+        """(full shape, fragments at global offsets) for the partition ``frag`` of dp rank ``dp_rank``."""
+        from .shard import Fragment, shape_numel
+
+        entry = self.by_rank[dp_rank][name]
+        ep_rank = entry["ep_rank"]
+        row = shape_numel(local_shape[1:])
+        experts = local_experts(entry, ep_rank)
+        taken = {g for (n, g), r in self._taken.items() if n == name and r != ep_rank}
+        out = []
+        for local, numel, glob in place_rows(frag.offset, frag.numel, row, experts, taken):
+            out.append(Fragment(frag.source, frag.group, frag.start + local - frag.offset, numel, frag.tp, frag.dp,
+                                glob))
+        for g in experts:
+            self._taken.setdefault((name, g), ep_rank)
+        return (entry[C.AUTOEP_NUM_EXPERTS],) + tuple(local_shape[1:]), out
+
+
+def zero3_experts(layers_by_rank: Dict[int, Any], paths: Dict[int, str], tp: int) -> Zero3Experts:
+    """The expert weights of a partition-native ZeRO-3 AutoEP checkpoint, per DP rank, validated with
+    DeepSpeed's own checks; empty when the checkpoint has none."""
+    from deepspeed.checkpoint.ds_to_universal import _autoep_expert_param_info
+
+    by_rank = {}
+    for d, layers in layers_by_rank.items():
+        if not layers:
+            continue
+        try:
+            by_rank[d] = _autoep_expert_param_info(layers)
+        except (RuntimeError, ValueError) as exc:
+            raise AutoEPMetadataError(str(exc), paths[d], "the AutoEP metadata is damaged; copy the model files again") \
+                from None
+    experts = Zero3Experts({d: v for d, v in by_rank.items() if v})
+    if experts and tp > 1:
+        raise UnsupportedCheckpointError(f"is a ZeRO-3 AutoEP checkpoint at TP={tp}: AutoEP + AutoTP conversion is "
+                                         "out of scope", paths[0], "load it with the topology it was saved at")
+    return experts

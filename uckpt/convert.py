@@ -103,13 +103,14 @@ def _write_param(out: OutputFolder, index: CheckpointIndex, p: int, flats: Dict[
         out.save_param_state(alias, C.FP32_WEIGHT_KEY, alias_payload(spec, flats[C.FP32_WEIGHT_KEY]))
 
 
-def _with_autoep_info(model_state, layers):
+def _with_autoep_info(model_state, pattern, layers):
     """A model-state file as DeepSpeed's converter rewrites it for AutoEP: its UC info names the expert
-    patterns and the AutoEP layers (spec 3.2, step 6); everything else unchanged."""
+    pattern and the AutoEP layers (spec 3.2 step 6; ZeRO-3: the file's own layers, 3.3); all else unchanged."""
     out = dict(model_state)
     info = dict(out.get(C.UNIVERSAL_CHECKPOINT_INFO) or {})
-    info[C.EXPERT_PARAMETER_PATTERNS] = [C.AUTOEP_UNIVERSAL_EXPERT_PATTERN]
-    info[C.AUTOEP_LAYERS_KEY] = layers
+    info[C.EXPERT_PARAMETER_PATTERNS] = [pattern]
+    info[C.AUTOEP_LAYERS_KEY] = layers if layers is not None else out.get(
+        C.AUTOEP_LAYERS_KEY, out.get(C.AUTOEP_LAYERS_KEY_LEGACY))
     out[C.UNIVERSAL_CHECKPOINT_INFO] = info
     return out
 
@@ -233,10 +234,10 @@ def _run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
             for s, writer in plan.copy_writers.items():
                 if writer == rank:
                     read_bytes += files.sources[s].nbytes
-                    if index.autoep_layers is None:
+                    if index.autoep_uc is None:
                         out.copy(files.sources[s].path)
                     else:
-                        out.save(_with_autoep_info(shards[s], index.autoep_layers),
+                        out.save(_with_autoep_info(shards[s], *index.autoep_uc),
                                  os.path.basename(files.sources[s].path))
             out.flush()
         progress.update(0, 0, final=True)

@@ -7,7 +7,7 @@ raises the same error for bad input. Rules follow DeepSpeed 0.19.8's ``ds_to_uni
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -17,7 +17,7 @@ from .errors import CheckpointError, UnsupportedCheckpointError
 from .layout import CheckpointFiles
 from .read import ModelMeta, OptimMeta
 from .shard import FallbackSpec, Fragment, ParamSpec, shape_numel
-from .tp_rules import RuleBook
+from .tp_rules import MergeRule, RuleBook
 
 
 @dataclass
@@ -35,7 +35,8 @@ class CheckpointIndex:
     injected_uc_info: bool
     optimizer_state_source: int  # source whose optimizer state becomes zero/optimizer_state.pt
     copy_sources: List[int]  # model files copied into the output
-    autoep_layers: Optional[List[Dict[str, Any]]] = None  # AutoEP: written into the output model files' UC info
+    # AutoEP: (expert pattern, layers) written into the output model files' UC info; layers None: each file's own
+    autoep_uc: Optional[Tuple[str, Optional[List[Dict[str, Any]]]]] = None
     global_steps: Optional[int] = None
     ds_version: Optional[str] = None
     notes: List[str] = field(default_factory=list)
@@ -96,10 +97,6 @@ def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_st
                 "is a ZeRO-3 AutoEP checkpoint in the legacy (non partition-native) format: AutoEP currently requires "
                 "ZeRO Stage 1 or 2 for Universal conversion", files.model_sources()[0].path,
                 "save with ZeRO stage 1 or 2, or with DeepSpeed's partition-native ZeRO-3 AutoEP format")
-        if layers:
-            raise UnsupportedCheckpointError("is a partition-native ZeRO-3 AutoEP checkpoint, which uckpt does not "
-                                             "convert yet", files.model_sources()[0].path,
-                                             "use DeepSpeed's ds_to_universal.py for this checkpoint")
     ep_info = None if files.family == "zero3" else autoep.collect(
         [(s.path, metas[s.index]) for s in files.model_sources()], files.expert_files, files.folder)
     if files.family == "zero3":
@@ -283,7 +280,7 @@ def _build_zero12(files, metas, stage, inject, strict, ep_info=None) -> Checkpoi
             written.add(key)
     return CheckpointIndex(files, "zero12", stage, tp, pp, dp, params, fallbacks, aliases, uc, injected,
                            optim_at[(0, 0)].index, [s.index for s in models],
-                           autoep_layers=ep_info.lightweight() if ep_info is not None else None,
+                           autoep_uc=(C.AUTOEP_UNIVERSAL_EXPERT_PATTERN, ep_info.lightweight()) if ep_info else None,
                            global_steps=model0.global_steps, ds_version=model0.ds_version, notes=notes)
 
 
@@ -299,6 +296,9 @@ def _build_zero3(files, metas, stage, strict) -> CheckpointIndex:
     if tp > 1:
         _uc_info(metas[model0.index], model0.path, inject=True)  # refuses autotp_unsupported patterns
     optim_at = {(s.dp, s.tp): s for s in optims}
+    model_at = {(s.dp, s.tp): s for s in models}
+    experts = autoep.zero3_experts({d: metas[model_at[(d, 0)].index].autoep_layers for d in range(dp)},
+                                   {d: model_at[(d, 0)].path for d in range(dp)}, tp)
     order: List[str] = []
     shapes: Dict[str, List] = {}
     frags: Dict[str, Dict[int, list]] = {}
@@ -328,8 +328,13 @@ def _build_zero3(files, metas, stage, strict) -> CheckpointIndex:
                     if name not in shapes:
                         order.append(name)
                         shapes[name], frags[name] = [None] * tp, {}
-                    shapes[name][t] = tuple(shape)
-                    frags[name].setdefault(t, []).append(frag)
+                    if name in experts:  # this file's EP rank's experts, placed at their global rows
+                        full, placed = experts.place(name, d, tuple(shape), frag)
+                        shapes[name][t] = full
+                        frags[name].setdefault(t, []).extend(placed)
+                    else:
+                        shapes[name][t] = tuple(shape)
+                        frags[name].setdefault(t, []).append(frag)
                     offset += q
     for name in order:
         for t, got in frags[name].items():
@@ -340,8 +345,12 @@ def _build_zero3(files, metas, stage, strict) -> CheckpointIndex:
     notes: List[str] = []
     # DeepSpeed writes ZeRO-3 parameters as bare flat tensors at TP=1, and merges them like ZeRO-1/2 above.
     params = _finish_tp_params(order, shapes, frags, {}, tp, uc, strict, files, notes, flat_output=(tp == 1))
+    for p in params:
+        if p.name in experts:  # DeepSpeed's AutoEP payload (a dict), never a bare tensor
+            p.flat_output, p.rule = False, MergeRule("cat", 0, experts=experts.num_experts(p.name))
     first_optim = min(optims, key=lambda s: (s.dp, s.tp))
     return CheckpointIndex(files, "zero3", stage, tp, 1, dp, params, [], {}, uc, False,
                            first_optim.index, [s.index for s in models],
+                           autoep_uc=(C.AUTOEP_ZERO3_EXPERT_PATTERN, None) if experts else None,
                            global_steps=metas[model0.index].global_steps, ds_version=metas[model0.index].ds_version,
                            notes=notes)
