@@ -46,6 +46,9 @@ CKPTS: Dict[str, Ckpt] = {
     # AutoTP on a custom nn.Module split by a custom layer spec (column, fused 2-sub-parameter column, row, replicated)
     "tp2-custom-z2-fp32": Ckpt(2, ("--model", "custom", "--tp", "2", "--zero-stage", "2", "--dtype", "fp32"),
                                module="uckpt.examples.autotp_train", steps=3, save_at=2),
+    # TP=3: every split of the custom module is uneven (128 = 43 + 43 + 42), sub-parameter widths included
+    "tp3-custom-z1-bf16": Ckpt(3, ("--model", "custom", "--tp", "3", "--zero-stage", "1", "--dtype", "bf16"),
+                               module="uckpt.examples.autotp_train", steps=3, save_at=2),
     # Llama with 8 heads / 4 kv heads, so it can resume at TP=4
     "tp2-llama8h-z1-bf16": Ckpt(2, ("--heads", "8", "--kv-heads", "4", "--tp", "2", "--zero-stage", "1", "--dtype",
                                     "bf16"), module="uckpt.examples.autotp_train", steps=3, save_at=2),

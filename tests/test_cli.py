@@ -71,8 +71,20 @@ def test_bad_value_and_missing_required():
 def test_shipped_configs_are_valid():
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     for name in os.listdir(root):
+        if name == "load.yaml":
+            assert config.build(os.path.join(root, name), schema=config.LoadConfig).module_extras is True
+            continue
         cfg = config.build(os.path.join(root, name), [], {"input_folder": "a", "output_folder": "b"})
         assert cfg.memory.budget_mb > 0
+
+
+def test_load_and_verify_schemas():
+    cfg = config.build(None, ["tag=global_step7"], {"module_extras": False}, schema=config.LoadConfig)
+    assert cfg.tag == "global_step7" and cfg.module_extras is False and cfg.lr_scheduler_states is True
+    with pytest.raises(UckptError, match="did you mean 'module_extras'"):
+        config.build(None, [], {"module_extra": False}, schema=config.LoadConfig)
+    with pytest.raises(UckptError, match="universal is required"):
+        config.build(None, ["against=x"], schema=config.VerifyConfig)
 
 
 def test_python_api_in_process(store, tmp_path):

@@ -67,6 +67,16 @@ def test_verify_against_source_ours_and_deepspeeds(store, capsys):
             assert out.startswith("OK:") and "tensors compared with" in out
 
 
+def test_verify_from_a_config_file(store, tmp_path, capsys):
+    universal = store.uckpt_universal("z2-bf16-dp4", 1)
+    yaml = tmp_path / "verify.yaml"
+    yaml.write_text(f"universal: {universal}\njson: true\n")
+    rc, out, _ = _run(capsys, "verify", "--config", str(yaml), f"against={store.tag('z2-bf16-dp4')}")
+    assert rc == 0 and '"ok": true' in out and '"against"' in out
+    rc, _, err = _run(capsys, "verify", "--config", str(yaml), "againts=x")
+    assert rc == 2 and "did you mean 'against'" in err
+
+
 def test_verify_finds_a_changed_value(store, tmp_path, capsys):
     bad = tmp_path / "universal"
     shutil.copytree(store.uckpt_universal("z2-bf16-dp4", 1), bad)

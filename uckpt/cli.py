@@ -60,10 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a DeepSpeed or Universal checkpoint and whether it converts")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p = sub.add_parser("verify", help="check a Universal checkpoint (and, with --against, re-slice it to the source)")
-    p.add_argument("universal")
+    p = sub.add_parser("verify", help="check a Universal checkpoint (and, with --against, re-slice it to the source)",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("universal", nargs="?")
     p.add_argument("--against", metavar="NATIVE", help="the DeepSpeed checkpoint tag folder it was converted from")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--config", metavar="YAML", help="omegaconf YAML with the same keys (uckpt.config.VerifyConfig)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. against=ckpts/global_step10")
     return ap
 
 
@@ -74,10 +77,12 @@ def _inspect_or_verify(command: str, args) -> int:
         info = inspect_path(args["path"])
         print(json.dumps(info, indent=2, default=str) if args["json"] else format_table(info))
         return 0
+    from . import config as cfgmod
     from .verify import format_report, verify
 
-    report = verify(args["universal"], args["against"])
-    print(json.dumps(report, indent=2, default=str) if args["json"] else format_report(report))
+    cfg = cfgmod.build(args.pop("config", None), args.pop("overrides", []), values=args, schema=cfgmod.VerifyConfig)
+    report = verify(cfg.universal, cfg.against)
+    print(json.dumps(report, indent=2, default=str) if cfg.json else format_report(report))
     return 0 if report["ok"] else 1
 
 

@@ -55,6 +55,24 @@ class ConvertConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+@dataclass
+class LoadConfig:
+    """Options of ``uckpt.load_into_engine`` (YAML: ``configs/load.yaml``)."""
+
+    tag: Optional[str] = None  # None: the tag latest_universal names
+    module_extras: bool = True  # restore frozen parameters and buffers from their fp32.pt
+    lr_scheduler_states: bool = True  # restore the LR scheduler from the model-state file
+
+
+@dataclass
+class VerifyConfig:
+    """Options of ``uckpt verify``."""
+
+    universal: str = MISSING
+    against: Optional[str] = None  # the native tag folder it was converted from: re-slice and compare
+    json: bool = False
+
+
 def valid_keys(cls=ConvertConfig, prefix: str = "") -> List[str]:
     keys = []
     for f in fields(cls):
@@ -66,9 +84,10 @@ def valid_keys(cls=ConvertConfig, prefix: str = "") -> List[str]:
     return keys
 
 
-def _closest(key: str) -> str:
-    match = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
-    return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(valid_keys())}"
+def _closest(key: str, schema=ConvertConfig) -> str:
+    keys = valid_keys(schema)
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(keys)}"
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -81,9 +100,11 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def build(yaml_path: Optional[str] = None, overrides: Iterable[str] = (), values: Optional[Dict[str, Any]] = None):
-    """Resolve a ConvertConfig; raise UckptError naming a bad key and the closest valid one."""
-    cfg = OmegaConf.structured(ConvertConfig)
+def build(yaml_path: Optional[str] = None, overrides: Iterable[str] = (), values: Optional[Dict[str, Any]] = None,
+          schema=ConvertConfig):
+    """Resolve a config of ``schema`` (convert by default); raise UckptError naming a bad key and the
+    closest valid one, or a required key that is missing."""
+    cfg = OmegaConf.structured(schema)
     layers = []
     if yaml_path:
         try:
@@ -96,17 +117,17 @@ def build(yaml_path: Optional[str] = None, overrides: Iterable[str] = (), values
         layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
     if values:
         layers.append(("arguments", OmegaConf.create(values)))
-    known = set(valid_keys())
+    known = set(valid_keys(schema))
     for where, layer in layers:
         for key in _flatten(OmegaConf.to_container(layer, resolve=False)):
             if key not in known:
-                raise UckptError(f"unknown setting '{key}' in {where}", fix=_closest(key))
+                raise UckptError(f"unknown setting '{key}' in {where}", fix=_closest(key, schema))
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except (ValidationError, ConfigKeyError, ConfigAttributeError) as exc:
             raise UckptError(f"bad value in {where}: {str(exc).splitlines()[0]}") from None
-    for key in ("input_folder", "output_folder"):
-        if OmegaConf.is_missing(cfg, key):
+    for key in known:
+        if "." not in key and OmegaConf.is_missing(cfg, key):
             raise UckptError(f"{key} is required", fix=f"pass --{key} PATH")
     return cfg
 

@@ -66,8 +66,20 @@ def _state_keys(param_folder: str) -> Tuple[str, ...]:
                         if f.endswith(C.STATE_FILE_SUFFIX) and f != C.STEP_KEY + C.STATE_FILE_SUFFIX))
 
 
+_OPENED: Optional[Dict[str, Any]] = None  # during load_into_engine: pickles already parsed, by path
+
+
 def _open_state(path: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
     """The tensor of a state file (lazy) and the rest of its dict (``{}`` for bare ZeRO-3 tensors)."""
+    if _OPENED is not None and path in _OPENED:
+        return _OPENED[path]
+    opened = _parse_state(path)
+    if _OPENED is not None:
+        _OPENED[path] = opened
+    return opened
+
+
+def _parse_state(path: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
     payload = ranged.open_lazy(path)
     if isinstance(payload, ranged.FileTensor):
         return payload, {}
@@ -414,14 +426,30 @@ def _precheck(optimizer, folder: str, stage3: bool):
                                       path=pfolder, fix="load into a model of the same architecture")
 
 
-def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, load_lr_scheduler_states: bool = True,
-                     load_module_extras: bool = True) -> Dict[str, Any]:
+def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: Optional[str] = None,
+                     **options: Any) -> Dict[str, Any]:
     """Restore ``engine`` (ZeRO stage 1, 2 or 3; any DP / TP / EP size) from a Universal checkpoint.
 
-    Every rank calls it. Returns the client state of the model-state file (keys DeepSpeed does not
-    consume) plus ``"uckpt"``: the folder loaded, bytes read by this rank, and what was restored.
+    Every rank calls it. ``config`` is an omegaconf YAML of :class:`uckpt.config.LoadConfig` keys
+    (``tag``, ``module_extras``, ``lr_scheduler_states``); ``options`` override it. Returns the client
+    state of the model-state file (keys DeepSpeed does not consume) plus ``"uckpt"``: the folder
+    loaded, bytes read by this rank, and what was restored.
     """
-    folder = resolve_folder(load_dir, tag)
+    global _OPENED
+    _OPENED = {}  # the pre-check and the load parse each state file's pickle once
+    try:
+        return _load_into_engine(engine, load_dir, tag, config, options)
+    finally:
+        _OPENED = None
+
+
+def _load_into_engine(engine, load_dir, tag, config, options) -> Dict[str, Any]:
+    from . import config as cfgmod
+
+    values = dict(options, **({"tag": tag} if tag is not None else {}))
+    cfg = cfgmod.build(config, values=values, schema=cfgmod.LoadConfig)
+    load_lr_scheduler_states, load_module_extras = cfg.lr_scheduler_states, cfg.module_extras
+    folder = resolve_folder(load_dir, cfg.tag)
     before = ranged.STATS.snapshot()[0]
     optimizer = engine.optimizer
     stage3 = _is_stage3(optimizer)
