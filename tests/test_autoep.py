@@ -140,3 +140,42 @@ def test_inspect_reports_expert_parallelism(store):
     assert info["ep"] == 2 and info["dp"] == 4 and info["convertible"] is True
     assert info["autoep_layers"] == [("model.layers.0.mlp.experts", 8), ("model.layers.1.mlp.experts", 8)]
     assert info["expert_files"] == 16
+
+
+def test_expert_moments_missing_best_effort(copy_tag, store, tmp_path):
+    """The guide's best-effort rule: expert optimizer entries absent -> fp32.pt still written, the skipped
+    states named in the report (DeepSpeed 0.19.8 raises). A dense group without moments stays refused."""
+    import json
+
+    tag = copy_tag("ep2-dp2-z2-bf16")
+    for r in (0, 1):
+        path = os.path.join(tag, f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        sd = torch.load(path, weights_only=False)
+        state = sd["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        expert_group = next(g for g, m in enumerate(sd["optimizer_state_dict"]["param_slice_mappings"])
+                            if EXPERT in m)
+        for key in ("exp_avg", "exp_avg_sq"):
+            del state[expert_group][key]
+        torch.save(sd, path)
+    out = str(tmp_path / "out" / "u")
+    uckpt.convert(tag, out, log={"quiet": True})
+    full, _ = store.universal_pair("ep2-dp2-z2-bf16", 2)
+    assert sorted(os.listdir(os.path.join(out, "zero", EXPERT))) == ["fp32.pt", "step.pt"]
+    assert torch.equal(load_state(out, EXPERT, "fp32")["param"], load_state(full, EXPERT, "fp32")["param"])
+    assert torch.equal(load_state(out, "lm_head.weight", "exp_avg")["param"],
+                       load_state(full, "lm_head.weight", "exp_avg")["param"])
+    with open(os.path.join(out, "uckpt_report.json")) as f:
+        notes = json.load(f)["notes"]
+    assert any(EXPERT in n and "exp_avg, exp_avg_sq" in n for n in notes)
+
+    tag2 = str(tmp_path / "dense" / os.path.basename(tag))
+    shutil.copytree(store.tag("ep2-dp2-z2-bf16"), tag2)
+    for r in (0, 1):
+        path = os.path.join(tag2, f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        sd = torch.load(path, weights_only=False)
+        dense_group = next(g for g, m in enumerate(sd["optimizer_state_dict"]["param_slice_mappings"])
+                           if not any(".experts." in n for n in m))
+        del sd["optimizer_state_dict"]["base_optimizer_state"]["state"][dense_group]["exp_avg"]
+        torch.save(sd, path)
+    with pytest.raises(NotImplementedError, match="holds .* but not exp_avg"):
+        uckpt.convert(tag2, str(tmp_path / "out2" / "u"))

@@ -154,3 +154,13 @@ def test_load_state_dict_gives_the_tp_shards_that_were_saved(store):
     assert set(both["model.norm.weight"]) == {"fp32", "exp_avg"}
     with pytest.raises(CheckpointError, match="no latest_universal"):
         uckpt.load_state_dict(store.tag(name))
+
+
+def test_pipeline_engine(store):
+    """A PipelineModule engine (PP=2, ZeRO-1, tied embedding) resumed at DP 1 -> 2 by uckpt's loader: the
+    state DeepSpeed's loader reaches."""
+    ours = store.uckpt_universal("pp2-dp1", 2)
+    theirs, report_theirs = store.resume("pp2-dp1", ours, 4, "--stages", "2")
+    loaded, report_loaded = store.resume("pp2-dp1", ours, 4, "--stages", "2", *UCKPT)
+    _assert_same_state(loaded, theirs)
+    assert report_loaded["losses"] == report_theirs["losses"]

@@ -80,7 +80,10 @@ def _inspect_or_verify(command: str, args) -> int:
     from . import config as cfgmod
     from .verify import format_report, verify
 
-    cfg = cfgmod.build(args.pop("config", None), args.pop("overrides", []), values=args, schema=cfgmod.VerifyConfig)
+    overrides = list(args.pop("overrides", []))
+    if "=" in args.get("universal", ""):  # argparse hands the first override to the optional positional
+        overrides.insert(0, args.pop("universal"))
+    cfg = cfgmod.build(args.pop("config", None), overrides, values=args, schema=cfgmod.VerifyConfig)
     report = verify(cfg.universal, cfg.against)
     print(json.dumps(report, indent=2, default=str) if cfg.json else format_report(report))
     return 0 if report["ok"] else 1

@@ -61,9 +61,12 @@ def _pack(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, shards, rank: i
         for p, j in wave.sends.get((rank, d), ()):
             f = index.params[p].fragments[j]
             for st in C.TENSOR_STATES:
-                src = fragment_data(shards[f.source], index.family, f, st)
-                send[pos:pos + f.numel].copy_(src)
-                release_pages(src)
+                if st in index.params[p].skip_states:  # a placeholder: that state is not written
+                    send[pos:pos + f.numel].zero_()
+                else:
+                    src = fragment_data(shards[f.source], index.family, f, st)
+                    send[pos:pos + f.numel].copy_(src)
+                    release_pages(src)
                 pos += f.numel
     return send, counts
 
@@ -82,6 +85,8 @@ def _assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv: torch
             f = spec.fragments[j]
             base = spec.flat_offset(f)
             for st in C.TENSOR_STATES:
+                if s == rank and st in spec.skip_states:
+                    continue
                 if s == rank:
                     src = fragment_data(shards[f.source], index.family, f, st)
                     out[p][st][base:base + f.numel].copy_(src)
@@ -96,8 +101,9 @@ def _write_param(out: OutputFolder, index: CheckpointIndex, p: int, flats: Dict[
     spec = index.params[p]
     if spec.has_step:
         out.save_param_state(spec.name, C.STEP_KEY, spec.step)
-    payloads = {st: state_payload(spec, flats[st], st) for st in C.TENSOR_STATES}
-    for st in C.TENSOR_STATES:
+    states = [st for st in C.TENSOR_STATES if st not in spec.skip_states]
+    payloads = {st: state_payload(spec, flats[st], st) for st in states}
+    for st in states:
         out.save_param_state(spec.name, st, payloads[st])
     for alias in aliases_of.get(spec.name, ()):
         out.save_param_state(alias, C.FP32_WEIGHT_KEY, alias_payload(spec, flats[C.FP32_WEIGHT_KEY]))
@@ -188,6 +194,7 @@ def _run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
         "plan": {"world_size": world, "waves": len(plan.waves), "budget_bytes": plan.budget_bytes,
                  "ranks": plan.rank_summary(index)},
         "backend": comm.backend,
+        "notes": list(index.notes),  # warnings, e.g. AutoEP expert moments skipped
     }
     if cfg.dry_run:
         if rank == 0 and not cfg.log.quiet:

@@ -52,8 +52,10 @@ def _steps_equal(a, b) -> bool:
     return a == b
 
 
-def _check_bounds(frag: Fragment, meta: OptimMeta, path: str, name: str):
+def _check_bounds(frag: Fragment, meta: OptimMeta, path: str, name: str, allow_missing: bool = False):
     g = meta.groups[frag.group]
+    if g.missing and not allow_missing:
+        raise UnsupportedCheckpointError(g.refusal, path, "save after at least one step of an Adam/AdamW optimizer")
     limit = min([g.fp32_numel] + list(g.state_numels.values()))
     if frag.start < 0 or frag.start + frag.numel > limit:
         raise CheckpointError(f"fragment of {name!r} [{frag.start}, {frag.start + frag.numel}) lies outside optimizer "
@@ -106,7 +108,7 @@ def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_st
     return _build_zero12(files, metas, stage, inject_missing_state, strict, ep_info)
 
 
-def _zero12_slice(name, shape, tp, optim_by_dp, lookup, metas, files):
+def _zero12_slice(name, shape, tp, optim_by_dp, lookup, metas, files, allow_missing=False):
     """Fragments of TP rank ``tp``'s slice of a ZeRO-1/2 parameter, from the recorded
     ``param_slice_mappings`` of each DP rank (spec 1.5); (fragments, step, has_step)."""
     frags, offset, step, step_src = [], 0, None, None
@@ -117,7 +119,7 @@ def _zero12_slice(name, shape, tp, optim_by_dp, lookup, metas, files):
         g, start, numel = hit
         meta = metas[src.index]
         frag = Fragment(src.index, g, start, numel, tp, d, offset)
-        _check_bounds(frag, meta, src.path, name)
+        _check_bounds(frag, meta, src.path, name, allow_missing)
         frags.append(frag)
         offset += numel
         gm = meta.groups[g]
@@ -147,7 +149,7 @@ def _expert_slice(name, local_shape, ep_info, dp, optim_by_dp, lookup, metas, fi
         experts = autoep.local_experts(entry, e)
         shape = (len(experts),) + tuple(local_shape[1:])
         got, s, has = _zero12_slice(name, shape, 0, [optim_by_dp[d] for d in owners],
-                                    {i: lookup[d] for i, d in enumerate(owners)}, metas, files)
+                                    {i: lookup[d] for i, d in enumerate(owners)}, metas, files, allow_missing=True)
         if has and not has_step:
             step, has_step = s, True
         for f in got:
@@ -260,6 +262,12 @@ def _build_zero12(files, metas, stage, inject, strict, ep_info=None) -> Checkpoi
         for p in params:
             if p.name in ep_info.params:
                 p.rule.experts = ep_info.params[p.name][C.AUTOEP_NUM_EXPERTS]
+                # best effort (the guide's rule; DeepSpeed 0.19.8 raises): moments the expert shards lack
+                p.skip_states = tuple(sorted({st for f in p.fragments
+                                              for st in metas[f.source].groups[f.group].missing}))
+                if p.skip_states:
+                    notes.append(f"warning: {p.name}: the optimizer shards hold no {', '.join(p.skip_states)}; "
+                                 "wrote fp32.pt without them")
     written = {p.name for p in params}
     by_name = {p.name: p for p in params}
     fallbacks, aliases = [], {}

@@ -108,6 +108,8 @@ class GroupMeta:
     mappings: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # ZeRO-1/2: name -> (start, numel)
     partition_count: Optional[int] = None  # ZeRO-3 (ds_zero_partition_groups)
     partition_rank: Optional[int] = None
+    missing: Tuple[str, ...] = ()  # moments the group does not hold
+    refusal: Optional[str] = None  # why that makes its (non-expert) parameters unconvertible
 
 
 @dataclass
@@ -155,16 +157,20 @@ def _optimizer_state(sd: Dict[str, Any], path: str) -> Dict[str, Any]:
     return osd
 
 
-def _group_states(state: Dict[str, Any], path: str, g: int) -> Tuple[Dict[str, int], Any, bool]:
+def _group_states(state: Dict[str, Any], path: str, g: int) -> Tuple[Dict[str, int], Any, bool, Tuple[str, ...],
+                                                                   Optional[str]]:
+    """A group's moment lengths, step, and the moments it lacks with the refusal DeepSpeed's rule implies
+    (the index refuses them unless the group holds only AutoEP experts, which are converted best effort)."""
     tensors = {k: v.numel() for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1 and k != C.STEP_KEY}
-    missing = [k for k in C.MOMENT_STATES if k not in tensors]
+    missing = tuple(k for k in C.MOMENT_STATES if k not in tensors)
+    refusal = None
     if missing:
         have = sorted(state) or ["nothing"]
-        raise UnsupportedCheckpointError(
-            f"optimizer group {g} holds {', '.join(have)} but not {', '.join(missing)}: the Universal format "
-            "stores Adam-family moments (exp_avg, exp_avg_sq); other optimizers, and saves made before the first "
-            "optimizer step, cannot be converted", path, "save after at least one step of an Adam/AdamW optimizer")
-    return {k: tensors[k] for k in C.MOMENT_STATES}, state.get(C.STEP_KEY), C.STEP_KEY in state
+        refusal = (f"optimizer group {g} holds {', '.join(have)} but not {', '.join(missing)}: the Universal format "
+                   "stores Adam-family moments (exp_avg, exp_avg_sq); other optimizers, and saves made before the "
+                   "first optimizer step, cannot be converted")
+    return ({k: tensors[k] for k in C.MOMENT_STATES if k in tensors}, state.get(C.STEP_KEY), C.STEP_KEY in state,
+            missing, refusal)
 
 
 def optim_meta(sd: Dict[str, Any], path: str, family: str) -> OptimMeta:
@@ -178,10 +184,12 @@ def optim_meta(sd: Dict[str, Any], path: str, family: str) -> OptimMeta:
         pgroups = osd.get(C.ZERO3_PARTITION_GROUPS_KEY) or []
         groups = []
         for k, t in enumerate(flat):
-            numels, step, has_step = _group_states(inner.get(C.TORCH_STATE_KEY, {}).get(k, {}), path, k)
+            numels, step, has_step, missing, refusal = _group_states(inner.get(C.TORCH_STATE_KEY, {}).get(k, {}),
+                                                                     path, k)
             pg = pgroups[k] if k < len(pgroups) else {}
             groups.append(GroupMeta(t.numel(), numels, step, has_step, partition_count=pg.get(C.ZERO3_PARTITION_COUNT_KEY),
-                                    partition_rank=pg.get(C.ZERO3_PARTITION_RANK_KEY)))
+                                    partition_rank=pg.get(C.ZERO3_PARTITION_RANK_KEY), missing=missing,
+                                    refusal=refusal))
         return OptimMeta(int(osd.get(C.ZERO_STAGE, 3)), groups, optimizer_kind="zero3")
 
     if C.SINGLE_PARTITION_OF_FP32_GROUPS not in osd:
@@ -201,9 +209,9 @@ def optim_meta(sd: Dict[str, Any], path: str, family: str) -> OptimMeta:
                               "re-save the checkpoint with a current DeepSpeed")
     groups = []
     for g, t in enumerate(fp32):
-        numels, step, has_step = _group_states(base[C.TORCH_STATE_KEY].get(g, {}), path, g)
+        numels, step, has_step, missing, refusal = _group_states(base[C.TORCH_STATE_KEY].get(g, {}), path, g)
         maps = {name: (int(a.start), int(a.numel)) for name, a in mappings[g].items()}
-        groups.append(GroupMeta(t.numel(), numels, step, has_step, mappings=maps))
+        groups.append(GroupMeta(t.numel(), numels, step, has_step, mappings=maps, missing=missing, refusal=refusal))
     # The BF16_Optimizer variant carries no zero_stage; DeepSpeed's converter then assumes stage 1.
     return OptimMeta(int(osd.get(C.ZERO_STAGE, 1)), groups,
                      optimizer_kind="zero12" if C.ZERO_STAGE in osd else "bf16_optimizer")

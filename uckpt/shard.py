@@ -54,6 +54,7 @@ class ParamSpec:
     has_step: bool = False  # whether step.pt is written (ZeRO-3: never, as in DeepSpeed)
     flat_output: bool = False  # ZeRO-3 at TP=1: DeepSpeed writes a bare flat tensor, not a dict
     rule: Any = None  # tp_rules.MergeRule: how the owner merges the TP slices (None with flat_output)
+    skip_states: Tuple[str, ...] = ()  # AutoEP experts whose shards lack these moments: not written
 
     @property
     def numel(self) -> int:
