@@ -10,7 +10,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from .autotp_train import VOCAB, resume_and_train
+from .autotp_train import VOCAB, add_train_args, resume_and_train
 from .tiny_train import add_job_args
 
 
@@ -29,12 +29,9 @@ def main(argv=None):
     ap.add_argument("--ep", type=int, default=2, help="autoep_size")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=32)
-    ap.add_argument("--zero-stage", type=int, default=2)
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--data-before-ep", action="store_true",
                     help="DeepSpeed's use_data_before_expert_parallelism expert-data layout")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--global-batch", type=int, default=4)
+    add_train_args(ap)
     add_job_args(ap)
     args = ap.parse_args(argv)
 

@@ -73,13 +73,18 @@ def tp_config(args) -> dict:
     return cfg
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tp", type=int, default=2)
+def add_train_args(ap):
+    """ZeRO stage, dtype, steps and global batch: the options the Hugging Face example trainers share."""
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--global-batch", type=int, default=4)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tp", type=int, default=2)
+    add_train_args(ap)
     ap.add_argument("--hidden", type=int, default=64, help="model width")
     ap.add_argument("--model", choices=["llama", "custom"], default="llama")
     ap.add_argument("--heads", type=int, default=4)
