@@ -1,5 +1,7 @@
-"""AutoTP (tensor-parallel) checkpoints written by real DeepSpeed (a tiny random-weight Llama):
+"""AutoTP (tensor-parallel) checkpoints written by real DeepSpeed (a tiny random-weight Llama and a custom module):
 output equal to ds_to_universal.py, and DeepSpeed's load_universal resumes at another TP size."""
+import os
+
 import pytest
 import torch
 
@@ -102,3 +104,26 @@ def test_uneven_tp3_resume(store, tp):
     _same_tp_state(loaded, theirs, report_loaded, report_theirs)
     reference = store.reference_losses(name)[2:]  # the saved run trained one step past the save
     assert report_ours["losses"][:len(reference)] == pytest.approx(reference, rel=2e-2)
+
+
+def test_diverged_replicas_name_the_parameter(copy_tag, tmp_path, capsys):
+    """A TP-replicated parameter whose copies differ (here: TP rank 1's fp32 master of norm.weight edited)
+    fails with the parameter, the ranks and the largest difference; nothing is left in the output."""
+    from uckpt import cli
+
+    tag = copy_tag("tp2-custom-z2-fp32")
+    path = os.path.join(tag, "zero_pp_rank_0_mp_rank_01_optim_states.pt")
+    sd = torch.load(path, weights_only=False)
+    osd = sd["optimizer_state_dict"]
+    g = next(i for i, m in enumerate(osd["param_slice_mappings"]) if "norm.weight" in m)
+    at = osd["param_slice_mappings"][g]["norm.weight"]
+    with torch.no_grad():
+        osd["single_partition_of_fp32_groups"][g].narrow(0, at.start, at.numel).add_(0.5)
+    torch.save(sd, path)
+    out = str(tmp_path / "out" / "u")
+    rc = cli.main(["convert", "--quiet", "--input_folder", tag, "--output_folder", out])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "fp32 of TP-replicated parameter 'norm.weight' differs between TP rank 0 and 1 (max abs difference 0.5)" \
+        in err
+    assert not os.path.exists(out) and not os.path.exists(out + ".uckpt-partial")

@@ -175,18 +175,29 @@ def _resolve_shape(shape: List[int], numel: int, name: str) -> List[int]:
     return out
 
 
+def _check_replicas(name: str, state: str, slices: List[torch.Tensor]):
+    """TP-replicated slices must be equal: otherwise name the parameter, the ranks and the difference."""
+    for t, s in enumerate(slices[1:], 1):
+        if s.shape == slices[0].shape and not torch.equal(slices[0], s):
+            diff = (slices[0].double() - s.double()).abs().max().item()
+            raise CheckpointError(f"{state} of TP-replicated parameter {name!r} differs between TP rank 0 and "
+                                  f"{t} (max abs difference {diff:.3g})",
+                                  fix="the replicas diverged in training; check the tp_replicated patterns")
+
+
 def merge_slices(name: str, rule: MergeRule, slices: List[torch.Tensor], state: str) -> Dict[str, Any]:
     """The payload DeepSpeed writes for ``state`` of ``name`` from its per-TP slices (shaped per rank)."""
     out: Dict[str, Any] = {}
     if rule.kind == "affine":
-        param = ParamAffineMap.from_dict(rule.affine).rebuild(dict(enumerate(slices)), SCALE_POWER_BY_STATE[state])
+        try:
+            param = ParamAffineMap.from_dict(rule.affine).rebuild(dict(enumerate(slices)), SCALE_POWER_BY_STATE[state])
+        except ValueError as exc:  # DeepSpeed's map found replicas that disagree; say which and by how much
+            if "replicated" in str(exc):
+                _check_replicas(name, state, slices)
+            raise CheckpointError(f"{state} of {name!r}: {exc}", fix="the TP slices do not fit the affine map") \
+                from None
     elif rule.kind == "replicated":
-        for t, s in enumerate(slices[1:], 1):  # noqa: B007
-            if not torch.equal(slices[0], s):
-                diff = (slices[0].double() - s.double()).abs().max().item()
-                raise CheckpointError(f"{state} of TP-replicated parameter {name!r} differs between TP rank 0 and "
-                                      f"{t} (max abs difference {diff:.3g})",
-                                      fix="the replicas diverged in training; check the tp_replicated patterns")
+        _check_replicas(name, state, slices)
         param = slices[0]
     elif rule.kind == "average":
         param = sum(slices) / len(slices)
