@@ -7,6 +7,8 @@ import torch
 
 from uckpt.compare import checkpoint_files, compare_universal, load_state
 
+from test_resume import _assert_same_state
+
 
 @pytest.mark.parametrize("name,nproc", [("tp2-dp2-z2-bf16", 1), ("tp2-dp2-z2-bf16", 3), ("tp2-dp1-z1-fp32", 2),
                                         ("tp2-dp1-z3-bf16", 1), ("tp2-dp1-z3-bf16", 2), ("tp2-custom-z2-fp32", 2),
@@ -32,13 +34,7 @@ def test_autotp_resume_at_tp1_matches_deepspeed_conversion(store):
     args = ("--tp", "1", "--zero-stage", "2", "--dtype", "bf16")
     state_ours, report_ours = store.resume("tp2-dp2-z2-bf16", ours, 2, *args)
     state_ds, report_ds = store.resume("tp2-dp2-z2-bf16", theirs, 2, *args)
-    assert state_ours["global_steps"] == state_ds["global_steps"] == 2
-    for key in ("params", "exp_avg", "exp_avg_sq"):
-        assert state_ours[key].keys() == state_ds[key].keys() and len(state_ours[key]) > 10
-        for pname in state_ours[key]:
-            assert torch.equal(state_ours[key][pname], state_ds[key][pname]), (key, pname)
-    assert state_ours["step"] == state_ds["step"]
-    assert report_ours["losses"] == report_ds["losses"]
+    _same_tp_state(state_ours, state_ds, report_ours, report_ds, min_params=11)
     # at TP=1 the engine holds the full merged tensors of the Universal files
     full = load_state(ours, "model.layers.1.mlp.down_proj.weight", "fp32")["param"]
     assert torch.equal(state_ours["params"]["model.layers.1.mlp.down_proj.weight"], full)
@@ -46,13 +42,11 @@ def test_autotp_resume_at_tp1_matches_deepspeed_conversion(store):
     assert report_ours["losses"] == pytest.approx(reference, rel=2e-2)
 
 
-def _same_tp_state(ours, theirs, report_ours, report_theirs):
-    assert ours["global_steps"] == theirs["global_steps"] == 2
-    for key in ("params", "exp_avg", "exp_avg_sq"):
-        assert ours[key].keys() == theirs[key].keys() and len(ours[key]) > 5
-        for pname in ours[key]:
-            assert torch.equal(ours[key][pname], theirs[key][pname]), (key, pname)
-    assert ours["step"] == theirs["step"]
+def _same_tp_state(ours, theirs, report_ours, report_theirs, min_params=6):
+    """Two resumed engines agree (test_resume's check), after 2 saved steps, with the same next losses."""
+    _assert_same_state(ours, theirs)
+    assert ours["global_steps"] == 2
+    assert all(len(ours[key]) >= min_params for key in ("params", "exp_avg", "exp_avg_sq"))
     assert report_ours["losses"] == report_theirs["losses"]
 
 

@@ -16,7 +16,7 @@ Pure functions of file names and metadata, like the rest of the index.
 """
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import constants as C
@@ -156,6 +156,18 @@ def place_rows(offset: int, numel: int, row: int, experts: Sequence[int], taken:
     return out
 
 
+def place_fragment(frag, row: int, experts: Sequence[int], taken: set) -> list:
+    """``frag`` (a run of an EP rank's local tensor, ``frag.offset`` local) as fragments at the global rows
+    of its experts (:func:`place_rows`)."""
+    return [replace(frag, start=frag.start + local - frag.offset, numel=numel, offset=glob)
+            for local, numel, glob in place_rows(frag.offset, frag.numel, row, experts, taken)]
+
+
+def all_layers(files, metas) -> List[Dict[str, Any]]:
+    """Every AutoEP layer entry of every model file of a checkpoint, in file order."""
+    return [e for s in files.model_sources() for e in (metas[s.index].autoep_layers or [])]
+
+
 class Zero3Experts:
     """Partition-native ZeRO-3 AutoEP (spec 3.3): each DP rank's model file names the EP rank whose
     experts its partitions hold; a partition is a run of that EP rank's local ``[E_local, ...]`` tensor."""
@@ -176,17 +188,14 @@ class Zero3Experts:
 
     def place(self, name: str, dp_rank: int, local_shape: Tuple[int, ...], frag):
         """(full shape, fragments at global offsets) for the partition ``frag`` of dp rank ``dp_rank``."""
-        from .shard import Fragment, shape_numel
+        from .shard import shape_numel
 
         entry = self.by_rank[dp_rank][name]
         ep_rank = entry["ep_rank"]
         row = shape_numel(local_shape[1:])
         experts = local_experts(entry, ep_rank)
         taken = {g for (n, g), r in self._taken.items() if n == name and r != ep_rank}
-        out = []
-        for local, numel, glob in place_rows(frag.offset, frag.numel, row, experts, taken):
-            out.append(Fragment(frag.source, frag.group, frag.start + local - frag.offset, numel, frag.tp, frag.dp,
-                                glob))
+        out = place_fragment(frag, row, experts, taken)
         for g in experts:
             self._taken.setdefault((name, g), ep_rank)
         return (entry[C.AUTOEP_NUM_EXPERTS],) + tuple(local_shape[1:]), out

@@ -6,7 +6,7 @@ raises the same error for bad input. Rules follow DeepSpeed 0.19.8's ``ds_to_uni
 """
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -93,7 +93,7 @@ def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_st
                 strict: bool = True) -> CheckpointIndex:
     stage = _stage_of(files, metas)
     if stage == 3 or files.family == "zero3":
-        layers = [e for s in files.model_sources() for e in (metas[s.index].autoep_layers or [])]
+        layers = autoep.all_layers(files, metas)
         if layers and not autoep.is_zero3_partitioned(layers):
             raise UnsupportedCheckpointError(
                 "is a ZeRO-3 AutoEP checkpoint in the legacy (non partition-native) format: AutoEP currently requires "
@@ -152,9 +152,8 @@ def _expert_slice(name, local_shape, ep_info, dp, optim_by_dp, lookup, metas, fi
                                     {i: lookup[d] for i, d in enumerate(owners)}, metas, files, allow_missing=True)
         if has and not has_step:
             step, has_step = s, True
-        for f in got:
-            for local, numel, glob in autoep.place_rows(f.offset, f.numel, row, experts, taken):
-                frags.append(Fragment(f.source, f.group, f.start + local - f.offset, numel, 0, owners[f.dp], glob))
+        for f in got:  # _zero12_slice numbered the owners 0..; keep the real DP rank
+            frags += autoep.place_fragment(replace(f, dp=owners[f.dp]), row, experts, taken)
         taken.update(experts)
     covered = sum(f.numel for f in frags)
     if covered != shape_numel(full):

@@ -6,6 +6,7 @@ from typing import Any, Dict
 import torch
 
 from . import constants as C
+from .autoep import all_layers
 from .errors import UckptError
 from .index import build_index
 from .layout import discover
@@ -56,8 +57,7 @@ def _native(path: str) -> Dict[str, Any]:
             "universal_checkpoint_info": _uc_summary(model0.uc_info),
             "autoep_metadata": any(getattr(m, "has_autoep", False) for m in metas.values()),
         }
-        layers = [e for s in files.model_sources() for e in (metas[s.index].autoep_layers or [])
-                  if isinstance(e, dict)]
+        layers = [e for e in all_layers(files, metas) if isinstance(e, dict)]
         if layers:
             info["ep"] = max(e.get(C.AUTOEP_EP_SIZE, 1) for e in layers)
             info["autoep_layers"] = sorted({(e.get(C.AUTOEP_EXPERT_KEY_PREFIX), e.get(C.AUTOEP_NUM_EXPERTS))

@@ -23,6 +23,7 @@ from . import constants as C
 from . import ranged
 from .errors import CheckpointError
 from .slicing import Target, read_flat, shard_map, zero3_span
+from .universal import is_universal, payload_tensor, state_files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,7 +33,7 @@ from .slicing import Target, read_flat, shard_map, zero3_span
 def resolve_folder(load_dir: str, tag: Optional[str] = None) -> str:
     """``<load_dir>/<tag>``; with ``tag=None`` the tag named by ``latest_universal`` (as DeepSpeed).
     A path that already is a Universal folder is taken as is."""
-    if tag is None and os.path.isdir(os.path.join(load_dir, C.UNIVERSAL_ZERO_FOLDER)):
+    if tag is None and is_universal(load_dir):
         return load_dir
     if tag is None:
         latest = os.path.join(load_dir, C.LATEST_UNIVERSAL_FILE)
@@ -42,7 +43,7 @@ def resolve_folder(load_dir: str, tag: Optional[str] = None) -> str:
         with open(latest) as f:
             tag = f.read().strip()
     folder = os.path.join(load_dir, tag)
-    if not os.path.isdir(os.path.join(folder, C.UNIVERSAL_ZERO_FOLDER)):
+    if not is_universal(folder):
         raise CheckpointError(f"not a Universal checkpoint (no {C.UNIVERSAL_ZERO_FOLDER}/ folder)", path=folder,
                               fix="convert the native checkpoint first: python -m uckpt convert ...")
     return folder
@@ -61,9 +62,8 @@ def _param_folder(folder: str, name: str) -> str:
 
 
 def _state_keys(param_folder: str) -> Tuple[str, ...]:
-    """State files of a parameter folder, ``step`` excluded (DeepSpeed takes every ``*.pt``)."""
-    return tuple(sorted(f[:-len(C.STATE_FILE_SUFFIX)] for f in os.listdir(param_folder)
-                        if f.endswith(C.STATE_FILE_SUFFIX) and f != C.STEP_KEY + C.STATE_FILE_SUFFIX))
+    """Tensor states of a parameter folder (``step`` excluded)."""
+    return tuple(k for k in state_files(param_folder) if k != C.STEP_KEY)
 
 
 _OPENED: Optional[Dict[str, Any]] = None  # during load_into_engine: pickles already parsed, by path
@@ -81,11 +81,9 @@ def _open_state(path: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
 
 def _parse_state(path: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
     payload = ranged.open_lazy(path)
-    if isinstance(payload, ranged.FileTensor):
-        return payload, {}
-    if isinstance(payload, dict) and isinstance(payload.get(C.PARAM), ranged.FileTensor):
-        info = dict(payload)
-        return info.pop(C.PARAM), info
+    tensor = payload_tensor(payload, ranged.FileTensor)
+    if tensor is not None:
+        return tensor, {k: v for k, v in payload.items() if k != C.PARAM} if isinstance(payload, dict) else {}
     raise CheckpointError("not a Universal state file (no tensor under 'param')", path=path)
 
 

@@ -45,15 +45,15 @@ class ReadStats:
 STATS = ReadStats()
 
 
-def _pread(fd: int, n: int, offset: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = os.pread(fd, n - len(out), offset + len(out))
-        if not chunk:
-            raise EOFError(f"file ends at byte {offset + len(out)}, {n - len(out)} bytes short")
-        out += chunk
-    STATS.add(n)
-    return bytes(out)
+def _pread_into(fd: int, view: memoryview, offset: int):
+    """Fill ``view`` with the file's bytes from ``offset`` (straight into the destination, no copy)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            raise EOFError(f"file ends at byte {offset + done}, {len(view) - done} bytes short")
+        done += got
+    STATS.add(len(view))
 
 
 def row_major_strides(shape: Sequence[int]) -> Tuple[int, ...]:
@@ -120,7 +120,7 @@ class FileTensor:
                 break
         size = torch.empty(0, dtype=self.dtype).element_size()
         base = self.data_offset + self.storage_offset * size
-        buf = out.view(torch.uint8)
+        buf = memoryview(out.view(torch.uint8).numpy())
         fd = os.open(self.path, os.O_RDONLY)
         try:
             pos, i = 0, 0
@@ -129,8 +129,7 @@ class FileTensor:
                 while j < len(starts) and starts[j] == starts[j - 1] + run:
                     j += 1
                 nbytes = (j - i) * run * size
-                data = _pread(fd, nbytes, base + starts[i] * size)
-                buf[pos:pos + nbytes] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                _pread_into(fd, buf[pos:pos + nbytes], base + starts[i] * size)
                 pos += nbytes
                 i = j
         finally:
@@ -142,7 +141,7 @@ class FileTensor:
         if self._loaded is not None:
             return self._loaded
         extent = 1 + sum((d - 1) * s for d, s in zip(self.shape, self.stride)) if self.numel() else 0
-        flat = FileTensor(self.path, self.data_offset, self.dtype, self.storage_offset + 0, (extent,), (1,))
+        flat = FileTensor(self.path, self.data_offset, self.dtype, self.storage_offset, (extent,), (1,))
         return torch.as_strided(flat.read_strided(0, (extent,), (1,)), self.shape, self.stride, 0)
 
 

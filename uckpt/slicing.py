@@ -97,6 +97,13 @@ def _narrows_cat(view_shape: Sequence[int], dim: int, spans: Sequence[Tuple[int,
     return ShardMap(shard_shape, pieces)
 
 
+def _whole(shape: Tuple[int, ...], base: int) -> ShardMap:
+    """The whole (contiguous) tensor at element ``base``, a scalar included."""
+    if not shape:
+        return ShardMap((), [Piece((), base, (), 0, ())])
+    return _narrows_cat(shape, 0, [(0, shape[0])], base)
+
+
 def _clip_rows(smap: ShardMap, real_rows: int, row_stride: int) -> ShardMap:
     """Drop the rows at or past ``real_rows`` (vocabulary padding reads as zeros)."""
     pieces = []
@@ -140,8 +147,7 @@ def _autotp(meta: dict, shape: Tuple[int, ...], base: int, rank: int, size: int,
             return smap
     pdim = meta.get("partition_dim")
     if meta.get("replicated", False):
-        return _narrows_cat(shape, 0, [(0, shape[0] if shape else 1)], base) if shape else ShardMap(
-            (), [Piece((), base, (), 0, ())])
+        return _whole(shape, base)
     logical = meta.get("logical_shape")
     if pdim is None or logical is None:
         return None
@@ -245,7 +251,7 @@ def _generic(shape, info, target: Target, rank: int, size: int, base: int) -> Sh
             offset += s
         return _narrows_cat(view, pdim, spans, base)
     if not shape:
-        return ShardMap((), [Piece((), base, (), 0, ())])
+        return _whole(shape, base)
     if n_sub > 1:
         spans = []
         for i in range(n_sub):

@@ -32,23 +32,27 @@ def list_params(folder: str) -> List[UniversalParam]:
         d = os.path.join(zero, name)
         if not os.path.isdir(d):
             continue
-        p = UniversalParam(name)
-        for f in sorted(os.listdir(d)):
-            if f.endswith(C.STATE_FILE_SUFFIX):
-                p.states[f[:-len(C.STATE_FILE_SUFFIX)]] = os.path.join(d, f)
-        out.append(p)
+        out.append(UniversalParam(name, state_files(d)))
     return out
+
+
+def state_files(param_dir: str) -> Dict[str, str]:
+    """A parameter folder's state files, ``step`` included: {state: path}. DeepSpeed's loader, too, takes
+    every ``*.pt`` in the folder as a state."""
+    return {f[:-len(C.STATE_FILE_SUFFIX)]: os.path.join(param_dir, f) for f in sorted(os.listdir(param_dir))
+            if f.endswith(C.STATE_FILE_SUFFIX)}
 
 
 def load_payload(path: str) -> Any:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
-def payload_tensor(payload: Any) -> Optional[torch.Tensor]:
-    """The tensor of a state file: DeepSpeed writes dicts with ``param`` (ZeRO-1/2) or bare tensors (ZeRO-3)."""
-    if torch.is_tensor(payload):
+def payload_tensor(payload: Any, kind: type = torch.Tensor) -> Optional[Any]:
+    """The tensor of a state file: DeepSpeed writes dicts with ``param`` (ZeRO-1/2) or bare tensors (ZeRO-3).
+    ``kind`` is the tensor type (``ranged.FileTensor`` for a lazily opened file)."""
+    if isinstance(payload, kind):
         return payload
-    if isinstance(payload, dict) and torch.is_tensor(payload.get(C.PARAM)):
+    if isinstance(payload, dict) and isinstance(payload.get(C.PARAM), kind):
         return payload[C.PARAM]
     return None
 

@@ -9,7 +9,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from .tiny_train import add_job_args, dump_state, finish, load, save_if_due
+from .tiny_train import add_job_args, dump_state, load, train_steps
 
 VOCAB = 128
 
@@ -118,20 +118,14 @@ def resume_and_train(engine, args, row: int, rows: int):
         load(engine, args)
     if args.dump_state:
         dump_state(engine, args.dump_state)
-    world = dist.get_world_size()
-    losses = []
-    start = engine.global_steps
-    for step in range(start, start + args.steps):
+
+    def loss_at(step):
         g = torch.Generator().manual_seed(1000 + step)
         data = torch.randint(0, VOCAB, (args.global_batch, 16), generator=g)[row:row + rows]
-        loss = engine(input_ids=data, labels=data).loss
-        engine.backward(loss)
-        engine.step()
-        t = loss.detach().float().clone()
-        dist.all_reduce(t)
-        losses.append(t.item() / world)
-        save_if_due(engine, args, step)
-    finish(engine, args, start, losses)
+        return engine(input_ids=data, labels=data).loss
+
+    train_steps(engine, args, engine.global_steps, loss_at)
+
 
 if __name__ == "__main__":
     main()

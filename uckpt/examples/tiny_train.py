@@ -165,6 +165,23 @@ def save_if_due(engine, args, step: int):
         engine.save_checkpoint(args.save_dir, tag=getattr(args, "tag", None))
 
 
+def train_steps(engine, args, start: int, loss_at):
+    """``--steps`` steps from ``start``: ``loss_at(step)`` runs the forward pass, then backward, the
+    optimizer step, the loss averaged over all ranks and a save when due; then :func:`finish`
+    (the example trainers share this loop)."""
+    world = dist.get_world_size()
+    losses = []
+    for step in range(start, start + args.steps):
+        loss = loss_at(step)
+        engine.backward(loss)
+        engine.step()
+        avg = loss.detach().float().clone()
+        dist.all_reduce(avg)
+        losses.append(avg.item() / world)
+        save_if_due(engine, args, step)
+    finish(engine, args, start, losses)
+
+
 def finish(engine, args, start: int, losses):
     """Final save (without ``--save-at``), the JSON result on rank 0, and a clean shutdown (gloo can
     abort at exit after a successful run otherwise)."""
@@ -231,19 +248,13 @@ def main(argv=None):
         dump_state(engine, args.dump_state)
 
     mb = args.global_batch // world
-    losses = []
-    for step in range(start, start + args.steps):
-        data = batch(step, args.global_batch, args.seq, args.vocab)[rank * mb:(rank + 1) * mb]
-        data = data.to(engine.device)
+
+    def loss_at(step):
+        data = batch(step, args.global_batch, args.seq, args.vocab)[rank * mb:(rank + 1) * mb].to(engine.device)
         logits = engine(data[:, :-1])
-        loss = nn.functional.cross_entropy(logits.float().reshape(-1, args.vocab), data[:, 1:].reshape(-1))
-        engine.backward(loss)
-        engine.step()
-        avg = loss.detach().float().clone()
-        dist.all_reduce(avg)
-        losses.append(avg.item() / world)
-        save_if_due(engine, args, step)
-    finish(engine, args, start, losses)
+        return nn.functional.cross_entropy(logits.float().reshape(-1, args.vocab), data[:, 1:].reshape(-1))
+
+    train_steps(engine, args, start, loss_at)
 
 
 if __name__ == "__main__":
