@@ -136,15 +136,15 @@ def test_failure_while_writing_leaves_no_output(store, tmp_path, monkeypatch, ca
     from uckpt import write
 
     calls = {"n": 0}
-    real = write._save
+    real = write._write_image  # every file of this small checkpoint is created through it
 
-    def flaky(obj, path):
+    def flaky(path, data):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(28, "No space left on device")
-        return real(obj, path)
+        return real(path, data)
 
-    monkeypatch.setattr(write, "_save", flaky)
+    monkeypatch.setattr(write, "_write_image", flaky)
     out = str(tmp_path / "o" / "universal")
     with pytest.raises(OSError, match="No space left"):
         cli.main(["convert", "--quiet", "--input_folder", store.tag("z2-fp32-dp3"), "--output_folder", out,

@@ -1,6 +1,19 @@
-"""uckpt: distributed DeepSpeed ZeRO -> Universal checkpoint conversion."""
+"""uckpt: distributed DeepSpeed ZeRO -> Universal checkpoint conversion.
+
+The loader's names are imported on first use: ``python -m uckpt convert`` of a dense checkpoint
+in one process never imports torch (see :mod:`uckpt.torchfmt`), while the loader needs it.
+"""
 __version__ = "0.1.0"
 
-from .api import convert  # noqa: E402,F401
+from .api import convert  # noqa: E402,F401  (binds over the submodule uckpt.convert)
 from .errors import CheckpointError, OutputError, UckptError, UnsupportedCheckpointError  # noqa: E402,F401
-from .load import Topology, load_into_engine, load_state_dict  # noqa: E402,F401
+
+_LAZY = {"Topology": "load", "load_into_engine": "load", "load_state_dict": "load"}
+__all__ = ["convert", "CheckpointError", "OutputError", "UckptError", "UnsupportedCheckpointError", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'uckpt' has no attribute {name!r}")

@@ -45,8 +45,6 @@ def collect(models: Sequence[Tuple[str, Any]], expert_files: Sequence[str], fold
     Expert files without AutoEP metadata are native DeepSpeed-MoE / Megatron-DeepSpeed experts: the guide's
     rule is an error (DIFFERENCE: DeepSpeed 0.19.8's converter skips them silently and drops the experts).
     """
-    from deepspeed.checkpoint.autoep_universal import get_autoep_zero12_expert_param_info
-
     by_prefix: Dict[str, Dict[str, Any]] = {}
     source: Dict[str, str] = {}
     flags: Dict[str, Any] = {}
@@ -76,6 +74,8 @@ def collect(models: Sequence[Tuple[str, Any]], expert_files: Sequence[str], fold
                 "experts, which a Universal checkpoint cannot describe", folder,
                 "a model-specific migration step is needed (DeepSpeed's converter would silently drop the experts)")
         return None
+    from deepspeed.checkpoint.autoep_universal import get_autoep_zero12_expert_param_info  # AutoEP only
+
     values = {v for v in flags.values()}
     if len(values) != 1 or not isinstance(next(iter(values)), bool):
         raise AutoEPMetadataError(f"use_data_before_expert_parallelism disagrees across model files or is not a "

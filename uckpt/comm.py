@@ -4,15 +4,17 @@ Control traffic (metadata, error agreement) uses object collectives; bulk fragme
 ``all_to_all_single`` of fp32 per wave. With NCCL the fragment buffers travel on the GPU. Every
 collective runs under the process group's timeout, and ``agree`` makes all ranks fail together
 with the same cause.
+
+Fragment buffers are plain bytes (``bytearray``): the one-process :class:`Comm` hands them back
+untouched and never imports torch; :class:`TorchComm` wraps them as tensors without copying.
 """
 import datetime
 import os
+import sys
 from typing import Any, List, Optional, Sequence
 
-import torch
-import torch.distributed as dist
-
 from .errors import RemoteError, UckptError
+from .torchfmt import as_fp32_tensor
 
 
 class Comm:
@@ -25,7 +27,9 @@ class Comm:
     def all_gather_object(self, obj: Any) -> List[Any]:
         return [obj]
 
-    def all_to_all(self, send: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]) -> torch.Tensor:
+    def all_to_all(self, send: bytearray, send_counts: Sequence[int], recv_counts: Sequence[int]) -> bytearray:
+        """Exchange fp32 elements: ``send`` holds ``send_counts[d]`` elements for each rank ``d`` in order;
+        returns ``recv_counts[s]`` elements from each rank ``s``."""
         return send
 
     def barrier(self):
@@ -52,6 +56,9 @@ class TorchComm(Comm):
     """torch.distributed process group; ``data_device`` is where the fragment buffers travel."""
 
     def __init__(self, group=None, data_group=None, data_device: str = "cpu", owns_group: bool = False):
+        import torch
+        import torch.distributed as dist
+        self.torch, self.dist = torch, dist  # imported here: a one-process conversion never needs them
         self.group = group
         self.data_group = data_group if data_group is not None else group
         self.data_device = torch.device(data_device)
@@ -62,20 +69,25 @@ class TorchComm(Comm):
 
     def all_gather_object(self, obj: Any) -> List[Any]:
         out: List[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        self.dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def all_to_all(self, send: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]) -> torch.Tensor:
-        recv = torch.empty(sum(recv_counts), dtype=send.dtype, device=self.data_device)
-        dist.all_to_all_single(recv, send.to(self.data_device), list(recv_counts), list(send_counts), group=self.data_group)
-        return recv.cpu()
+    def all_to_all(self, send: bytearray, send_counts: Sequence[int], recv_counts: Sequence[int]) -> bytearray:
+        recv_host = bytearray(4 * sum(recv_counts))
+        recv_cpu = as_fp32_tensor(recv_host)
+        recv = recv_cpu if self.data_device.type == "cpu" else self.torch.empty_like(recv_cpu, device=self.data_device)
+        self.dist.all_to_all_single(recv, as_fp32_tensor(send).to(self.data_device), list(recv_counts), list(send_counts),
+                               group=self.data_group)
+        if recv is not recv_cpu:
+            recv_cpu.copy_(recv)
+        return recv_host
 
     def barrier(self):
-        dist.barrier(group=self.group)
+        self.dist.barrier(group=self.group)
 
     def close(self):
-        if self._owns and dist.is_initialized():
-            dist.destroy_process_group()
+        if self._owns and self.dist.is_initialized():
+            self.dist.destroy_process_group()
 
 
 def setup(backend: str = "auto", timeout_s: float = 600.0) -> Comm:
@@ -85,14 +97,19 @@ def setup(backend: str = "auto", timeout_s: float = 600.0) -> Comm:
     device (decided together, so ranks never disagree), gloo otherwise.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
-    if dist.is_available() and dist.is_initialized():
-        pg_backend = str(dist.get_backend())
-        device = f"cuda:{torch.cuda.current_device()}" if pg_backend == "nccl" else "cpu"
-        return TorchComm(data_device=device)
+    if "torch" in sys.modules:  # only a process that imported torch can hold a process group
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            pg_backend = str(dist.get_backend())
+            import torch
+            device = f"cuda:{torch.cuda.current_device()}" if pg_backend == "nccl" else "cpu"
+            return TorchComm(data_device=device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Comm()
     if backend not in ("auto", "gloo", "nccl"):
         raise UckptError(f"unknown backend {backend!r}", fix="use auto, gloo or nccl")
+    import torch
+    import torch.distributed as dist
     dist.init_process_group("gloo", timeout=timeout)
     comm = TorchComm(owns_group=True)
     if backend == "gloo":

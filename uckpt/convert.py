@@ -13,8 +13,6 @@ import sys
 import time
 from typing import Any, Dict, List
 
-import torch
-
 from . import __version__
 from . import constants as C
 from .comm import Comm
@@ -23,7 +21,8 @@ from .layout import discover
 from .merge import alias_payload, fallback_payload, state_payload
 from .plan import ConvertPlan, Wave, assign_readers, describe, make_plan, param_bytes
 from .progress import Progress
-from .read import forget_mapped, fragment_data, load_shard, release_pages, source_meta
+from .ranged import FileDescriptors
+from .read import load_shard, read_fragment, source_meta
 from .write import OutputFolder, check_paths
 
 
@@ -49,11 +48,12 @@ def _send_counts(wave: Wave, index: CheckpointIndex, src: int, dst: int) -> int:
     return 0 if src == dst else wave.count(index, src, dst)  # a rank's own fragments skip the exchange
 
 
-def _pack(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, shards, rank: int):
-    """This rank's fragments for other owners, in plan order, in one flat fp32 buffer."""
+def _pack(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, shards, rank: int, fds: FileDescriptors):
+    """This rank's fragments for other owners, in plan order, as one flat fp32 buffer (bytes)."""
     world = plan.world_size
     counts = [_send_counts(wave, index, rank, d) for d in range(world)]
-    send = torch.empty(sum(counts), dtype=torch.float32)
+    send = bytearray(4 * sum(counts))
+    view = memoryview(send)
     pos = 0
     for d in range(world):
         if d == rank:
@@ -61,52 +61,46 @@ def _pack(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, shards, rank: i
         for p, j in wave.sends.get((rank, d), ()):
             f = index.params[p].fragments[j]
             for st in C.TENSOR_STATES:
-                if st in index.params[p].skip_states:  # a placeholder: that state is not written
-                    send[pos:pos + f.numel].zero_()
-                else:
-                    src = fragment_data(shards[f.source], index.family, f, st)
-                    send[pos:pos + f.numel].copy_(src)
-                    release_pages(src)
-                pos += f.numel
+                if st not in index.params[p].skip_states:  # else a zero placeholder: that state is not written
+                    read_fragment(shards[f.source], index.family, f, st, view[pos:pos + 4 * f.numel], fds)
+                pos += 4 * f.numel
     return send, counts
 
 
-def _assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv: torch.Tensor, shards, rank: int):
-    """Owned parameters of the wave as {param: {state: flat fp32 tensor with its own storage}}.
+def _assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv: bytearray, shards, rank: int,
+              fds: FileDescriptors):
+    """Owned parameters of the wave as {param: {state: its flat fp32 bytes}}.
 
-    Fragments from other ranks come from ``recv``; this rank's own are copied straight from its
-    mapped shards (with one rank, nothing is ever staged in a send buffer)."""
-    out = {p: {st: torch.empty(index.params[p].numel, dtype=torch.float32) for st in C.TENSOR_STATES}
+    Fragments from other ranks come from ``recv``; this rank's own are read from its shards straight
+    into place (with one rank, nothing is ever staged in a send buffer)."""
+    out = {p: {st: bytearray(4 * index.params[p].numel) for st in C.TENSOR_STATES}
            for p in wave.params if plan.owners[p] == rank}
+    incoming = memoryview(recv)
     pos = 0
     for s in range(plan.world_size):
         for p, j in wave.sends.get((s, rank), ()):
             spec = index.params[p]
             f = spec.fragments[j]
-            base = spec.flat_offset(f)
+            lo, n = 4 * spec.flat_offset(f), 4 * f.numel
             for st in C.TENSOR_STATES:
-                if s == rank and st in spec.skip_states:
-                    continue
                 if s == rank:
-                    src = fragment_data(shards[f.source], index.family, f, st)
-                    out[p][st][base:base + f.numel].copy_(src)
-                    release_pages(src)
+                    if st not in spec.skip_states:
+                        read_fragment(shards[f.source], index.family, f, st, memoryview(out[p][st])[lo:lo + n], fds)
                 else:
-                    out[p][st][base:base + f.numel].copy_(recv[pos:pos + f.numel])
-                    pos += f.numel
+                    out[p][st][lo:lo + n] = incoming[pos:pos + n]
+                    pos += n
     return out
 
 
-def _write_param(out: OutputFolder, index: CheckpointIndex, p: int, flats: Dict[str, torch.Tensor], aliases_of):
+def _write_param(out: OutputFolder, index: CheckpointIndex, p: int, flats: Dict[str, bytearray], aliases_of):
     spec = index.params[p]
-    if spec.has_step:
-        out.save_param_state(spec.name, C.STEP_KEY, spec.step)
-    states = [st for st in C.TENSOR_STATES if st not in spec.skip_states]
-    payloads = {st: state_payload(spec, flats[st], st) for st in states}
-    for st in states:
-        out.save_param_state(spec.name, st, payloads[st])
+    files = {C.STEP_KEY: spec.step} if spec.has_step else {}
+    for st in C.TENSOR_STATES:
+        if st not in spec.skip_states:
+            files[st] = state_payload(spec, flats[st], st)
+    out.save_param(spec.name, files)
     for alias in aliases_of.get(spec.name, ()):
-        out.save_param_state(alias, C.FP32_WEIGHT_KEY, alias_payload(spec, flats[C.FP32_WEIGHT_KEY]))
+        out.save_param(alias, {C.FP32_WEIGHT_KEY: alias_payload(spec, flats[C.FP32_WEIGHT_KEY])})
 
 
 def _with_autoep_info(model_state, pattern, layers):
@@ -142,13 +136,14 @@ def _optimizer_state(index: CheckpointIndex, sd: Dict[str, Any]) -> Dict[str, An
 
 def run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
     """Convert ``cfg.input_folder`` into ``cfg.output_folder`` on all ranks of ``comm``; returns the report."""
+    fds = FileDescriptors()
     try:
-        return _run(cfg, comm, stream)
+        return _run(cfg, comm, fds, stream)
     finally:
-        forget_mapped()  # the shards' mappings are gone with _run's frame
+        fds.close()
 
 
-def _run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
+def _run(cfg, comm: Comm, fds: FileDescriptors, stream=None) -> Dict[str, Any]:
     stream = stream or sys.stderr
     rank, world = comm.rank, comm.world_size
     timings: Dict[str, float] = {}
@@ -215,14 +210,14 @@ def _run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
             aliases_of.setdefault(canonical, []).append(alias)
         for wave in plan.waves:
             with _Phase(comm, timings, "pack"):
-                send, counts = _pack(wave, index, plan, shards, rank)
+                send, counts = _pack(wave, index, plan, shards, rank, fds)
                 read_bytes += 4 * sum(wave.count(index, rank, d) for d in range(world))
             t0 = time.monotonic()
             recv = comm.all_to_all(send, counts, [_send_counts(wave, index, s, rank) for s in range(world)])
             timings["exchange"] = timings.get("exchange", 0.0) + time.monotonic() - t0
             del send
             with _Phase(comm, timings, "merge_write"):
-                owned = _assemble(wave, index, plan, recv, shards, rank)
+                owned = _assemble(wave, index, plan, recv, shards, rank, fds)
                 del recv
                 for p, flats in owned.items():
                     _write_param(out, index, p, flats, aliases_of)
@@ -233,8 +228,8 @@ def _run(cfg, comm: Comm, stream=None) -> Dict[str, Any]:
             for i, fb in enumerate(index.fallbacks):
                 if plan.fallback_writers[i] == rank:
                     tensor = shards[fb.source][C.MODULE_KEY][fb.name]
-                    read_bytes += tensor.numel() * tensor.element_size()
-                    out.save_param_state(fb.name, C.FP32_WEIGHT_KEY, fallback_payload(tensor))
+                    read_bytes += tensor.nbytes
+                    out.save_param(fb.name, {C.FP32_WEIGHT_KEY: fallback_payload(tensor)})
             if plan.optimizer_state_writer == rank:
                 out.save(_optimizer_state(index, shards[index.optimizer_state_source]), C.UNIVERSAL_ZERO_FOLDER,
                          C.UNIVERSAL_OPTIMIZER_STATE_FILE)

@@ -3,13 +3,13 @@ can convert it (and if not, why)."""
 import os
 from typing import Any, Dict
 
-import torch
 
 from . import constants as C
 from .autoep import all_layers
 from .errors import UckptError
 from .index import build_index
 from .layout import discover
+from .ranged import FileTensor
 from .read import opened_checkpoint
 from .universal import is_universal, list_params, load_payload, model_files, optimizer_state, payload_tensor
 
@@ -34,8 +34,8 @@ def _dtype(shards, files) -> str:
         module = shards[s.index].get(C.MODULE_KEY)
         if isinstance(module, dict):
             for t in module.values():
-                if torch.is_tensor(t) and t.is_floating_point() and t.numel():
-                    return str(t.dtype).replace("torch.", "")
+                if isinstance(t, FileTensor) and t.dtype.startswith(("float", "bfloat")) and t.numel():
+                    return t.dtype
     return "unknown"
 
 

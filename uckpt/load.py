@@ -314,7 +314,7 @@ def _stage3_partition(optimizer, param, folder: str, state: str) -> torch.Tensor
     if size != param.partition_numel():
         raise CheckpointError(f"parameter {name}: the checkpoint's shard {list(smap.shard_shape)} does not match the "
                               f"target's {list(param.ds_shape)}", path=_state_path(folder, name, state))
-    out = torch.zeros(size, dtype=tensor.dtype)
+    out = torch.zeros(size, dtype=tensor.torch_dtype)
     out[:length] = read_flat(tensor, smap, start, length)
     return out
 

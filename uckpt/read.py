@@ -1,81 +1,31 @@
-"""Open native shards memory-mapped and pull out the small metadata the plan needs.
+"""Open native shards lazily and pull out the small metadata the plan needs.
 
-``torch.load(mmap=True)`` parses only the pickle; tensor bytes stay on disk until a fragment is
-copied out, so a rank touches the bytes it forwards and nothing else. Metadata extraction
-returns plain data (``ModelMeta`` / ``OptimMeta``), which ranks exchange to build one index.
+:func:`uckpt.ranged.open_lazy` parses only each shard's pickle: tensors stay on disk as
+:class:`~uckpt.ranged.FileTensor` (where their bytes are), and a fragment is read with one
+``pread`` straight into the buffer that assembles its parameter. A rank therefore reads the
+bytes it forwards and nothing else, holds no mapping of the shard, and needs no torch.
+Metadata extraction returns plain data (``ModelMeta`` / ``OptimMeta``), which ranks exchange to
+build one index.
 """
-import ctypes
-import os
-import sys
+import pickle
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-
 from . import constants as C
 from .errors import CheckpointError, UnsupportedCheckpointError
+from .ranged import FileDescriptors, FileTensor, open_lazy
 from .shard import Source
 
 
-def _remember_mapped(obj):
-    """Record the storages of a memory-mapped shard: only those may have their pages released."""
-    if torch.is_tensor(obj):
-        _MAPPED_PTRS.add(obj.untyped_storage().data_ptr())
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _remember_mapped(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _remember_mapped(v)
-
-
-_MAPPED_PTRS: set = set()
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-try:
-    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-except OSError:
-    _LIBC = None
-_MADV_DONTNEED = 4
-
-
-def forget_mapped():
-    """Call when the shards are dropped: an address of a freed mapping must never match a later buffer."""
-    _MAPPED_PTRS.clear()
-
-
-def release_pages(view: torch.Tensor):
-    """Drop the whole pages under ``view`` from this process's resident set once they were copied.
-
-    Only for views of memory-mapped shard files, which uckpt never writes: the kernel re-reads
-    the file if they are touched again, so this changes memory use, never values. Elsewhere a
-    no-op.
-    """
-    if _LIBC is None or view.numel() == 0 or view.untyped_storage().data_ptr() not in _MAPPED_PTRS:
-        return
-    start = view.data_ptr()
-    end = start + view.numel() * view.element_size()
-    lo = -(-start // _PAGE) * _PAGE
-    hi = end // _PAGE * _PAGE
-    if hi > lo:
-        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-
-
 def load_shard(path: str) -> Dict[str, Any]:
-    """Load a DeepSpeed shard lazily (mmap); a clear CheckpointError if it is truncated or corrupt."""
+    """A DeepSpeed shard with its tensors left in the file; a clear CheckpointError if it is truncated or corrupt."""
     try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        _remember_mapped(sd)
-        return sd
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        if not zipfile.is_zipfile(path):
-            try:  # pre-zipfile torch.save format: cannot be mapped, read it whole
-                return torch.load(path, map_location="cpu", weights_only=False)
-            except Exception:
-                pass
+        return open_lazy(path, stand_ins=True)
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"cannot be read, the file is truncated or corrupt ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:160]})", path,
+                              f"{(str(exc).splitlines() or [''])[0][:160]})", path,
                               "copy the file again from the training job's save directory, or use an earlier tag") from None
 
 
@@ -161,7 +111,7 @@ def _group_states(state: Dict[str, Any], path: str, g: int) -> Tuple[Dict[str, i
                                                                    Optional[str]]:
     """A group's moment lengths, step, and the moments it lacks with the refusal DeepSpeed's rule implies
     (the index refuses them unless the group holds only AutoEP experts, which are converted best effort)."""
-    tensors = {k: v.numel() for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1 and k != C.STEP_KEY}
+    tensors = {k: v.numel() for k, v in state.items() if _is_tensor(v) and len(v.shape) == 1 and k != C.STEP_KEY}
     missing = tuple(k for k in C.MOMENT_STATES if k not in tensors)
     refusal = None
     if missing:
@@ -169,8 +119,17 @@ def _group_states(state: Dict[str, Any], path: str, g: int) -> Tuple[Dict[str, i
         refusal = (f"optimizer group {g} holds {', '.join(have)} but not {', '.join(missing)}: the Universal format "
                    "stores Adam-family moments (exp_avg, exp_avg_sq); other optimizers, and saves made before the "
                    "first optimizer step, cannot be converted")
-    return ({k: tensors[k] for k in C.MOMENT_STATES if k in tensors}, state.get(C.STEP_KEY), C.STEP_KEY in state,
-            missing, refusal)
+    return ({k: tensors[k] for k in C.MOMENT_STATES if k in tensors}, _value(state.get(C.STEP_KEY)),
+            C.STEP_KEY in state, missing, refusal)
+
+
+def _is_tensor(v) -> bool:
+    return isinstance(v, FileTensor)
+
+
+def _value(v):
+    """A small tensor (the step) read into memory: it travels in the metadata and is written as ``step.pt``."""
+    return v.to_data() if isinstance(v, FileTensor) else v
 
 
 def optim_meta(sd: Dict[str, Any], path: str, family: str) -> OptimMeta:
@@ -217,7 +176,7 @@ def optim_meta(sd: Dict[str, Any], path: str, family: str) -> OptimMeta:
                      optimizer_kind="zero12" if C.ZERO_STAGE in osd else "bf16_optimizer")
 
 
-def state_tensor(sd: Dict[str, Any], family: str, group: int, state: str) -> torch.Tensor:
+def state_tensor(sd: Dict[str, Any], family: str, group: int, state: str) -> FileTensor:
     """The flat tensor of ``state`` (fp32 / exp_avg / exp_avg_sq) for ``group`` of an optimizer shard."""
     osd = sd[C.OPTIMIZER_STATE_DICT]
     if family == "zero3":
@@ -229,22 +188,27 @@ def state_tensor(sd: Dict[str, Any], family: str, group: int, state: str) -> tor
     return osd[C.BASE_OPTIMIZER_STATE][C.TORCH_STATE_KEY][group][state]
 
 
-def fragment_data(sd: Dict[str, Any], family: str, frag, state: str) -> torch.Tensor:
-    """A fragment's elements of ``state`` inside its (memory-mapped) shard: a view, nothing copied yet."""
-    return state_tensor(sd, family, frag.group, state).narrow(0, frag.start, frag.numel)
+def read_fragment(sd: Dict[str, Any], family: str, frag, state: str, out: memoryview, fds: FileDescriptors = None):
+    """Copy a fragment's fp32 elements of ``state`` from its shard into ``out`` (``frag.numel`` * 4 bytes)."""
+    tensor = state_tensor(sd, family, frag.group, state)
+    if tensor.dtype != "float32":
+        raise CheckpointError(f"optimizer state {state} of group {frag.group} is {tensor.dtype}, not float32",
+                              tensor.path, "DeepSpeed keeps fp32 master weights and moments; re-save the checkpoint")
+    tensor.read_into(out, frag.start, fds)
+
+
+def fragment_tensor(sd: Dict[str, Any], family: str, frag, state: str):
+    """A fragment's elements of ``state`` as a torch tensor (``verify``)."""
+    return state_tensor(sd, family, frag.group, state).read_strided(frag.start, (frag.numel,), (1,))
 
 
 @contextmanager
 def opened_checkpoint(files):
-    """Every shard of ``files`` mapped in this one process, with its metadata (inspect, verify).
+    """Every shard of ``files`` opened lazily in this one process, with its metadata (inspect, verify).
 
-    The mappings are forgotten on exit, so their addresses never reach ``release_pages`` later."""
+    """
     shards = {s.index: load_shard(s.path) for s in files.sources}
-    try:
-        yield shards, {s.index: source_meta(s, shards[s.index], files.family) for s in files.sources}
-    finally:
-        shards.clear()
-        forget_mapped()
+    yield shards, {s.index: source_meta(s, shards[s.index], files.family) for s in files.sources}
 
 
 def source_meta(source: Source, sd: Dict[str, Any], family: str):

@@ -312,7 +312,7 @@ def read_flat(tensor: FileTensor, smap: ShardMap, start: int, length: int) -> to
     lo_all = min([start] + [d for _, _, _, d in parts])
     hi_all = max([end] + [d + 1 + sum((n - 1) * s for n, s in zip(shape, p.dst_strides))
                           for p, shape, _, d in parts])
-    buf = torch.zeros(hi_all - lo_all, dtype=tensor.dtype)
+    buf = torch.zeros(hi_all - lo_all, dtype=tensor.torch_dtype)
     for p, shape, src, dst in parts:
         data = tensor.read_strided(src, shape, p.src_strides)
         target = torch.as_strided(buf, shape, p.dst_strides, dst - lo_all)

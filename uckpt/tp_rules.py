@@ -5,7 +5,9 @@ Order of precedence, as in DeepSpeed 0.19.8's ``merge_tp_slices``: affine map; T
 (slices must be equal); averaged; the legacy 2-sub-parameter layout; sub-parameters (fused QKV /
 gate_up, with per-rank shard widths from UC version 0.4 or even legacy widths); otherwise
 concatenation on dim 1 (row-parallel) or dim 0. Vocabulary parameters are then cut to
-``original_vocab_size`` rows and tagged. DeepSpeed's affine-map class does the affine rebuild.
+``original_vocab_size`` rows and tagged. :mod:`uckpt.tp_merge` applies the rules to tensors
+(DeepSpeed's affine-map class does the affine rebuild); resolving them needs neither torch nor
+DeepSpeed's runtime, which are imported only for checkpoints that use sub-parameters or affine maps.
 
 DIFFERENCE: DeepSpeed applies every pattern with ``re.match``, where ``.`` matches any
 character, so the plain-name pattern ``layers.1.`` also captures ``layers.10.``. uckpt matches a
@@ -16,10 +18,6 @@ regex syntax (AutoTP writes ``^...$``) behave exactly as in DeepSpeed.
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
-
-import torch
-from deepspeed.checkpoint import SubparamShape
-from deepspeed.checkpoint.affine import AFFINE_MAP_FORMAT_VERSION, SCALE_POWER_BY_STATE, ParamAffineMap
 
 from . import constants as C
 from .errors import CheckpointError
@@ -56,11 +54,18 @@ class RuleBook:
         self.row = list(g(C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, []) or [])
         self.vocab = list(g(C.VOCABULARY_PARAMETER_PATTERNS, []) or [])
         self.two_sub = list(g(C.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0, []) or [])
-        self.sub_params = [SubparamShape(**s) for s in (g(C.PARAMETER_WITH_SUB_PARAMS, []) or [])]
+        subs = g(C.PARAMETER_WITH_SUB_PARAMS, []) or []
+        if subs:
+            from deepspeed.checkpoint import SubparamShape
+            self.sub_params = [SubparamShape(**s) for s in subs]
+        else:
+            self.sub_params = []
         self.widths = dict(g(C.SUB_PARAM_SHARD_WIDTHS, {}) or {})
         affine = g(C.AFFINE_MAP, {}) or {}
-        version = affine.get("version", AFFINE_MAP_FORMAT_VERSION)
-        if version > AFFINE_MAP_FORMAT_VERSION:
+        if affine:
+            from deepspeed.checkpoint.affine import AFFINE_MAP_FORMAT_VERSION
+            version = affine.get("version", AFFINE_MAP_FORMAT_VERSION)
+        if affine and version > AFFINE_MAP_FORMAT_VERSION:
             raise CheckpointError(f"records affine map format version {version}; this DeepSpeed reads up to "
                                   f"{AFFINE_MAP_FORMAT_VERSION}", fix="convert with a newer DeepSpeed")
         self.affine = dict(affine.get("params", {}) or {})
@@ -88,7 +93,7 @@ class RuleBook:
             self.used.add(hits[0])
         return hits[0] if hits else None
 
-    def _match_sub(self, name: str) -> Tuple[Optional[SubparamShape], Optional[str]]:
+    def _match_sub(self, name: str) -> Tuple[Optional[Any], Optional[str]]:  # (SubparamShape, pattern)
         for shape in self.sub_params:
             for p in shape.patterns:
                 if self._matches(p, name):
@@ -125,7 +130,7 @@ class RuleBook:
         rule.vocab_rows = vocab_rows
         return rule
 
-    def _sub_rule(self, name, sub: SubparamShape, pattern: str, tp_shapes) -> MergeRule:
+    def _sub_rule(self, name, sub, pattern: str, tp_shapes) -> MergeRule:
         pd = sub.partition_dim
         spec = sub.shape[pd]
         T = self.tp_degree
@@ -144,7 +149,7 @@ class RuleBook:
                 sizes = (total // spec,) * spec
                 normalized = list(sub.shape)
                 normalized[pd] = sizes
-                shape = SubparamShape(patterns=sub.patterns, shape=tuple(normalized), partition_dim=pd)
+                shape = type(sub)(patterns=sub.patterns, shape=tuple(normalized), partition_dim=pd)
             uneven = [s for s in sizes if s % T]
             if uneven:
                 raise CheckpointError(f"sub-parameter sizes {uneven} of {name!r} are not divisible by tp {T} and "
@@ -158,85 +163,3 @@ class RuleBook:
 
     def unused(self) -> Set[str]:
         return self.all_patterns() - self.used
-
-
-def _resolve_shape(shape: List[int], numel: int, name: str) -> List[int]:
-    holes = [i for i, d in enumerate(shape) if d is not None and d < 0]
-    if not holes:
-        return shape
-    known = 1
-    for i, d in enumerate(shape):
-        if i not in holes:
-            known *= d
-    if len(holes) > 1 or known <= 0 or numel % known:
-        raise CheckpointError(f"sub-parameter shape {shape} of {name!r} cannot hold {numel} elements")
-    out = list(shape)
-    out[holes[0]] = numel // known
-    return out
-
-
-def _check_replicas(name: str, state: str, slices: List[torch.Tensor]):
-    """TP-replicated slices must be equal: otherwise name the parameter, the ranks and the difference."""
-    for t, s in enumerate(slices[1:], 1):
-        if s.shape == slices[0].shape and not torch.equal(slices[0], s):
-            diff = (slices[0].double() - s.double()).abs().max().item()
-            raise CheckpointError(f"{state} of TP-replicated parameter {name!r} differs between TP rank 0 and "
-                                  f"{t} (max abs difference {diff:.3g})",
-                                  fix="the replicas diverged in training; check the tp_replicated patterns")
-
-
-def merge_slices(name: str, rule: MergeRule, slices: List[torch.Tensor], state: str) -> Dict[str, Any]:
-    """The payload DeepSpeed writes for ``state`` of ``name`` from its per-TP slices (shaped per rank)."""
-    out: Dict[str, Any] = {}
-    if rule.kind == "affine":
-        try:
-            param = ParamAffineMap.from_dict(rule.affine).rebuild(dict(enumerate(slices)), SCALE_POWER_BY_STATE[state])
-        except ValueError as exc:  # DeepSpeed's map found replicas that disagree; say which and by how much
-            if "replicated" in str(exc):
-                _check_replicas(name, state, slices)
-            raise CheckpointError(f"{state} of {name!r}: {exc}", fix="the TP slices do not fit the affine map") \
-                from None
-    elif rule.kind == "replicated":
-        _check_replicas(name, state, slices)
-        param = slices[0]
-    elif rule.kind == "average":
-        param = sum(slices) / len(slices)
-    elif rule.kind == "two_sub_params":
-        halves = [torch.chunk(s, 2, dim=0) for s in slices]
-        param = torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
-        out[C.CAT_DIM], out[C.PARAM_N_SUB_PARAMS] = 0, 2
-    elif rule.kind == "sub_params":
-        pd = rule.sub_shape["partition_dim"]
-        logical = [sum(d) if isinstance(d, tuple) else d for d in rule.sub_shape["shape"]]
-        logical[pd] = sum(rule.sub_sizes)
-        logical = _resolve_shape(logical, sum(s.numel() for s in slices), name)
-        views = []
-        for t, s in enumerate(slices):
-            rank_shape = list(logical)
-            rank_shape[pd] = sum(w[t] for w in rule.shard_widths)
-            if s.numel() != torch.Size(rank_shape).numel():
-                raise CheckpointError(f"TP rank {t} of {name!r} holds {s.numel()} elements, its shard widths "
-                                      f"describe {tuple(rank_shape)}")
-            views.append(s.view(rank_shape))
-        offsets = [0] * len(views)
-        chunks = []
-        for widths in rule.shard_widths:
-            pieces = []
-            for t, v in enumerate(views):
-                pieces.append(v.narrow(pd, offsets[t], widths[t]))
-                offsets[t] += widths[t]
-            chunks.append(torch.cat(pieces, dim=pd))
-        param = torch.cat(chunks, dim=pd)
-        out[C.SUB_PARAM_SHAPE] = SubparamShape(patterns=rule.sub_shape["patterns"], shape=rule.sub_shape["shape"],
-                                                partition_dim=pd)
-    else:
-        param = slices[0] if len(slices) == 1 else torch.cat(slices, dim=rule.cat_dim)
-        out[C.CAT_DIM] = rule.cat_dim
-    if rule.experts is not None:  # DeepSpeed's AutoEP payload, in its key order (spec 3.2)
-        out = {C.PARAM: param, C.CAT_DIM: 0, C.EP_IS_EXPERT_PARAM: True, C.EP_NUM_EXPERTS: rule.experts}
-    if rule.vocab_rows is not None:
-        param = param[:rule.vocab_rows, :]
-        out[C.VOCAB_TENSOR] = True
-    out[C.PARAM] = param if param.is_contiguous() and param.untyped_storage().nbytes() == param.numel() * \
-        param.element_size() else param.clone()
-    return out

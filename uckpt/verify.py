@@ -17,7 +17,8 @@ from .errors import UckptError
 from .index import _steps_equal, build_index
 from .layout import discover
 from .merge import state_payload
-from .read import fragment_data, opened_checkpoint
+from .read import fragment_tensor, opened_checkpoint
+from .torchfmt import TensorData, as_fp32_tensor
 from .universal import is_universal, list_params, load_payload, model_files, optimizer_state, payload_tensor
 
 
@@ -84,11 +85,14 @@ def _against(universal: str, native: str, by_name, failures: List[str]) -> int:
                 if state not in p.states:
                     failures.append(f"{spec.name}: no {state}.pt")
                     continue
-                flat = torch.empty(spec.numel, dtype=torch.float32)
+                flat = bytearray(4 * spec.numel)
+                values = as_fp32_tensor(flat)
                 for f in spec.fragments:
                     base = spec.flat_offset(f)
-                    flat[base:base + f.numel] = fragment_data(shards[f.source], index.family, f, state)
-                expected = payload_tensor(state_payload(spec, flat, state))
+                    values[base:base + f.numel] = fragment_tensor(shards[f.source], index.family, f, state)
+                expected = payload_tensor(state_payload(spec, flat, state), (TensorData, torch.Tensor))
+                if isinstance(expected, TensorData):
+                    expected = expected.to_torch()
                 got = payload_tensor(load_payload(p.states[state]))
                 compared += 1
                 if got is None or got.shape != expected.shape or not torch.equal(got, expected):
