@@ -6,7 +6,7 @@ Builds (once, cached under .cache/bench/) two checkpoints with real DeepSpeed on
   large-tensors: a few large layers (hundreds of MB of optimizer state);
   xl-tensors: a few larger layers (about 1 GB of optimizer state).
 Runs ds_to_universal.py (its default workers) and uckpt with 1 and 2 ranks alternately, --repeat
-times each, and prints median wall time, peak memory summed over all processes of the run
+times each (the order rotated each round), and prints median wall time, peak memory summed over all processes of the run
 (RSS, and anonymous RSS which excludes mapped file pages), and temporary bytes written.
 Temporary bytes: DeepSpeed's temp folder, measured in one extra run with --keep_temp_folder;
 for uckpt, every byte its ranks report writing minus the bytes of the final output.
@@ -122,23 +122,31 @@ def main():
             "uckpt-2": lambda out: runner.torchrun_cmd(2, ["-m", "uckpt", "convert", "--input_folder", tag,
                                                            "--output_folder", out, "--inject_missing_state", "--quiet"]),
         }
+        shutil.rmtree(work, ignore_errors=True)  # left by an interrupted benchmark
         runs = {t: [] for t in tools}
+        names = list(tools)
+        timed, kept = os.path.join(work, "timed"), os.path.join(work, "kept")
         for i in range(args.repeat):
-            for tool, cmd in tools.items():
-                shutil.rmtree(work, ignore_errors=True)
+            # rotate the order each round: a run right after another tool's output was deleted (and
+            # after DeepSpeed removed its temp folder) meets a slower disk here, so no tool always goes second
+            for tool in names[i % len(names):] + names[:i % len(names)]:
+                shutil.rmtree(timed, ignore_errors=True)
                 settle()
-                out = os.path.join(work, tool, "universal")
-                runs[tool].append(measure(cmd(out)))
-                if i == args.repeat - 1 and tool != "deepspeed":
-                    ref = os.path.join(work, "ref", "universal")
-                    runner.ds_to_universal(tag, ref, "--inject_missing_state")
-                    diffs = compare_universal(out, ref, skip=lambda rel: rel == TIED_ALIAS)
-                    assert not diffs, diffs[:5]
-                    report = json.load(open(os.path.join(out, "uckpt_report.json")))
-                    written = sum(r["written_bytes"] for r in report["ranks"])
-                    runs[tool + ":temp"] = written - (folder_bytes(out) - os.path.getsize(
-                        os.path.join(out, "uckpt_report.json")))
-                    runs[tool + ":same"] = True
+                out = os.path.join(timed, tool, "universal")
+                runs[tool].append(measure(tools[tool](out)))
+                if i == args.repeat - 1 and tool != "deepspeed":  # checked after the timed runs
+                    os.makedirs(os.path.join(kept, tool))
+                    os.rename(out, os.path.join(kept, tool, "universal"))
+        ref = os.path.join(work, "ref", "universal")
+        runner.ds_to_universal(tag, ref, "--inject_missing_state")
+        for tool in names[1:]:
+            out = os.path.join(kept, tool, "universal")
+            diffs = compare_universal(out, ref, skip=lambda rel: rel == TIED_ALIAS)
+            assert not diffs, (tool, diffs[:5])
+            report = json.load(open(os.path.join(out, "uckpt_report.json")))
+            written = sum(r["written_bytes"] for r in report["ranks"])
+            runs[tool + ":temp"] = written - (folder_bytes(out) - os.path.getsize(
+                os.path.join(out, "uckpt_report.json")))
         shutil.rmtree(work, ignore_errors=True)
         keep = os.path.join(work, "keep", "universal")
         runner.ds_to_universal(tag, keep, "--inject_missing_state", "--keep_temp_folder")
