@@ -66,17 +66,22 @@ def _state_keys(param_folder: str) -> Tuple[str, ...]:
     return tuple(k for k in state_files(param_folder) if k != C.STEP_KEY)
 
 
-_OPENED: Optional[Dict[str, Any]] = None  # during load_into_engine: pickles already parsed, by path
+class StateFiles:
+    """The state files of one Universal folder during one load: each file's pickle is parsed once (the
+    pre-check and the load open the same files), then only the byte ranges a rank keeps are read."""
 
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._parsed: Dict[str, Tuple[ranged.FileTensor, Dict[str, Any]]] = {}
 
-def _open_state(path: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
-    """The tensor of a state file (lazy) and the rest of its dict (``{}`` for bare ZeRO-3 tensors)."""
-    if _OPENED is not None and path in _OPENED:
-        return _OPENED[path]
-    opened = _parse_state(path)
-    if _OPENED is not None:
-        _OPENED[path] = opened
-    return opened
+    def open(self, name: str, state: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
+        """The tensor of ``zero/<name>/<state>.pt`` (lazy) and the rest of its dict."""
+        return self.open_path(_state_path(self.folder, name, state))
+
+    def open_path(self, path: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
+        if path not in self._parsed:
+            self._parsed[path] = _parse_state(path)
+        return self._parsed[path]
 
 
 def _parse_state(path: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
@@ -153,6 +158,7 @@ def load_state_dict(path: str, topology: Topology = Topology(), states: Sequence
     the checkpoint's own rules (``cat_dim``, sub-parameters) evenly over ``tp_size``.
     """
     folder = resolve_folder(path, tag)
+    files = StateFiles(folder)
     zero = os.path.join(folder, C.UNIVERSAL_ZERO_FOLDER)
     book = _checkpoint_rules(folder)
     wanted = list(names) if names is not None else sorted(
@@ -165,7 +171,7 @@ def load_state_dict(path: str, topology: Topology = Topology(), states: Sequence
         for state in states:
             if state not in available:
                 continue
-            tensor, info = _open_state(_state_path(folder, name, state))
+            tensor, info = files.open(name, state)
             local = tuple(shapes[name]) if shapes is not None and name in shapes else None
             info, meta = _hinted(book, name, info)
             target = Target(local, topology.tp_rank, topology.tp_size, topology.ep_rank, topology.ep_size,
@@ -238,12 +244,12 @@ def _target(param, name: str, local_shape, tp=(0, 1), ep=(0, 1)) -> Target:
                   getattr(param, C.DS_AUTOEP_UC_META, None), name)
 
 
-def _fragment(folder: str, name: str, state: str, target: Target, start: int, numel: int) -> torch.Tensor:
-    tensor, info = _open_state(_state_path(folder, name, state))
+def _fragment(files: StateFiles, name: str, state: str, target: Target, start: int, numel: int) -> torch.Tensor:
+    tensor, info = files.open(name, state)
     return read_flat(tensor, shard_map(tensor.shape, info, target, state), start, numel)
 
 
-def _load_zero12(optimizer, folder: str, steps_fallback):
+def _load_zero12(optimizer, files: StateFiles, steps_fallback):
     from deepspeed.runtime.base_optimizer import _get_universal_checkpoint_ep_info
     from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
@@ -257,12 +263,12 @@ def _load_zero12(optimizer, folder: str, steps_fallback):
             if mapping is None:
                 continue
             name = optimizer.param_names[lp]
-            pfolder = _param_folder(folder, name)
+            pfolder = _param_folder(files.folder, name)
             mapping.optim_fragment = {}
             address = mapping.lp_fragment_address
             target = _target(lp, name, lp.shape, tp, ep)
             for state in _state_keys(pfolder):
-                frag = _fragment(folder, name, state, target, address.start, address.numel)
+                frag = _fragment(files, name, state, target, address.start, address.numel)
                 if state == C.FP32_WEIGHT_KEY:
                     mapping.get_hp_fragment().data.copy_(frag)
                 else:
@@ -275,7 +281,7 @@ def _load_zero12(optimizer, folder: str, steps_fallback):
             steps = [_as_step(steps_fallback, optimizer.optimizer.state[hp])]
         if any(not _same(s, steps[0]) for s in steps):
             raise CheckpointError(f"param group {i}: parameters saved different steps {sorted(set(map(float, steps)))}",
-                                  path=folder)
+                                  path=files.folder)
         if steps and steps[0] is not None:
             optimizer.optimizer.state[hp][C.STEP_KEY] = steps[0]
         map_to_flat_opt_states(hp, lp_groups[i], optimizer.optimizer.state, keys)
@@ -295,7 +301,7 @@ def _stage3_ep(param) -> Tuple[int, int]:
     return 0, 1
 
 
-def _stage3_partition(optimizer, param, folder: str, state: str) -> torch.Tensor:
+def _stage3_partition(optimizer, param, files: StateFiles, state: str) -> torch.Tensor:
     import torch.distributed as dist
     from deepspeed.utils import groups
 
@@ -308,18 +314,18 @@ def _stage3_partition(optimizer, param, folder: str, state: str) -> torch.Tensor
         tp_group = groups.get_tensor_model_parallel_group()
         tp = (dist.get_rank(tp_group), dist.get_world_size(tp_group))
     target = _target(param, name, param.ds_shape, tp, _stage3_ep(param))
-    tensor, info = _open_state(_state_path(folder, name, state))
+    tensor, info = files.open(name, state)
     smap = shard_map(tensor.shape, info, target, state)
     start, length, size = zero3_span(smap.numel, rank, world)
     if size != param.partition_numel():
         raise CheckpointError(f"parameter {name}: the checkpoint's shard {list(smap.shard_shape)} does not match the "
-                              f"target's {list(param.ds_shape)}", path=_state_path(folder, name, state))
+                              f"target's {list(param.ds_shape)}", path=_state_path(files.folder, name, state))
     out = torch.zeros(size, dtype=tensor.torch_dtype)
     out[:length] = read_flat(tensor, smap, start, length)
     return out
 
 
-def _load_stage3(optimizer, folder: str, saved_groups, step):
+def _load_stage3(optimizer, files: StateFiles, saved_groups, step):
     if getattr(optimizer, "swap_optimizer", False):
         raise CheckpointError("NVMe optimizer offload is not supported by uckpt.load_into_engine",
                               fix="load with DeepSpeed's engine.load_checkpoint(load_universal=True)")
@@ -329,7 +335,7 @@ def _load_stage3(optimizer, folder: str, saved_groups, step):
             values = torch.zeros_like(flat)
             offset = 0
             for param in params:
-                part = _stage3_partition(optimizer, param, folder, state)
+                part = _stage3_partition(optimizer, param, files, state)
                 values.narrow(0, offset, part.numel()).copy_(part)
                 offset += part.numel()
             if state == C.FP32_WEIGHT_KEY:
@@ -365,7 +371,7 @@ def _first_step(folder: str) -> Any:
     return None
 
 
-def _restore_module_extras(engine, folder: str, stage3: bool, tp=(0, 1)) -> Dict[str, str]:
+def _restore_module_extras(engine, files: StateFiles, stage3: bool, tp=(0, 1)) -> Dict[str, str]:
     """Frozen parameters and buffers, which DeepSpeed's universal load leaves untouched (spec 6):
     from their ``fp32.pt`` fallback folders, sliced by the same rules."""
     restored = {}
@@ -377,12 +383,12 @@ def _restore_module_extras(engine, folder: str, stage3: bool, tp=(0, 1)) -> Dict
              if not p.requires_grad and id(p) not in trainable and id(p) not in lp_ids]
     items += [(n, b, False) for n, b in engine.module.named_buffers()]
     for name, tensor, is_param in items:
-        path = _state_path(folder, name, C.FP32_WEIGHT_KEY)
+        path = _state_path(files.folder, name, C.FP32_WEIGHT_KEY)
         if not os.path.isfile(path):
             continue
         shape = tuple(tensor.ds_shape) if stage3 and hasattr(tensor, "ds_shape") else tuple(tensor.shape)
         target = _target(tensor, name, shape, tp)
-        file_tensor, info = _open_state(path)
+        file_tensor, info = files.open_path(path)
         smap = shard_map(file_tensor.shape, info, target, C.FP32_WEIGHT_KEY)
         if tuple(smap.shard_shape) != shape:
             raise CheckpointError(f"{'frozen parameter' if is_param else 'buffer'} {name}: checkpoint shape "
@@ -399,7 +405,7 @@ def _restore_module_extras(engine, folder: str, stage3: bool, tp=(0, 1)) -> Dict
     return restored
 
 
-def _precheck(optimizer, folder: str, stage3: bool):
+def _precheck(optimizer, files: StateFiles, stage3: bool):
     """Every rank checks every trainable parameter before touching the engine, so a missing folder or
     a shape mismatch fails on all ranks alike instead of leaving some waiting in a collective."""
     from deepspeed.runtime.base_optimizer import _get_universal_checkpoint_ep_info
@@ -410,11 +416,11 @@ def _precheck(optimizer, folder: str, stage3: bool):
     for params in groups:
         for param in params:
             name = optimizer.param_names[param]
-            pfolder = _param_folder(folder, name)
+            pfolder = _param_folder(files.folder, name)
             if C.FP32_WEIGHT_KEY not in _state_keys(pfolder):
                 raise CheckpointError(f"parameter {name} has no fp32.pt", path=pfolder,
                                       fix="the Universal folder is incomplete; convert again")
-            tensor, info = _open_state(_state_path(folder, name, C.FP32_WEIGHT_KEY))
+            tensor, info = files.open(name, C.FP32_WEIGHT_KEY)
             shape = tuple(param.ds_shape) if stage3 else tuple(param.shape)
             smap = shard_map(tensor.shape, info, _target(param, name, shape, tp, ep or _stage3_ep(param)),
                              C.FP32_WEIGHT_KEY)
@@ -433,28 +439,20 @@ def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: O
     state of the model-state file (keys DeepSpeed does not consume) plus ``"uckpt"``: the folder
     loaded, bytes read by this rank, and what was restored.
     """
-    global _OPENED
-    _OPENED = {}  # the pre-check and the load parse each state file's pickle once
-    try:
-        return _load_into_engine(engine, load_dir, tag, config, options)
-    finally:
-        _OPENED = None
-
-
-def _load_into_engine(engine, load_dir, tag, config, options) -> Dict[str, Any]:
     from . import config as cfgmod
 
     values = dict(options, **({"tag": tag} if tag is not None else {}))
     cfg = cfgmod.build(config, values=values, schema=cfgmod.LoadConfig)
     load_lr_scheduler_states, load_module_extras = cfg.lr_scheduler_states, cfg.module_extras
     folder = resolve_folder(load_dir, cfg.tag)
+    files = StateFiles(folder)
     before = ranged.STATS.snapshot()[0]
     optimizer = engine.optimizer
     stage3 = _is_stage3(optimizer)
     if not stage3 and _lp_groups(optimizer) is None:
         raise CheckpointError(f"engine optimizer {type(optimizer).__name__} is not a ZeRO-1/2/3 or BF16 optimizer",
                               fix="enable zero_optimization (stage 1, 2 or 3) or bf16 in the DeepSpeed config")
-    _precheck(optimizer, folder, stage3)
+    _precheck(optimizer, files, stage3)
     model_file = _model_state_file(folder, getattr(engine, "checkpoint_mp_rank", 0) or 0,
                                    max(1, getattr(engine, "mp_world_size", 1) or 1))
     # the engine-level scalars only: the file's module weights stay unread
@@ -468,14 +466,14 @@ def _load_into_engine(engine, load_dir, tag, config, options) -> Dict[str, Any]:
         step = zero3_step if zero3_step is not None else _first_step(folder)
         if hasattr(optimizer, "_load_global_state_stage3"):
             optimizer._load_global_state_stage3(optim_sd)
-        _load_stage3(optimizer, folder, saved_groups, step)
+        _load_stage3(optimizer, files, saved_groups, step)
     else:
         if C.DS_VERSION in optim_sd or not hasattr(optimizer, "partition_gradients"):
             optimizer._load_global_state(optim_sd)
-        _load_zero12(optimizer, folder, zero3_step)
+        _load_zero12(optimizer, files, zero3_step)
         _apply_hyperparameters(optimizer.optimizer.param_groups, saved_groups)
 
-    extras = _restore_module_extras(engine, folder, stage3, _tp_info(optimizer) if not stage3 else (0, 1)) \
+    extras = _restore_module_extras(engine, files, stage3, _tp_info(optimizer) if not stage3 else (0, 1)) \
         if load_module_extras else {}
     if hasattr(optimizer, "checkpoint_event_epilogue"):
         optimizer.checkpoint_event_epilogue()
