@@ -10,11 +10,10 @@ untouched and never imports torch; :class:`TorchComm` wraps them as tensors with
 """
 import datetime
 import os
-import sys
 from typing import Any, List, Optional, Sequence
 
 from .errors import RemoteError, UckptError
-from .torchfmt import as_fp32_tensor
+from .torchfmt import as_fp32_tensor, torch_loaded
 
 
 class Comm:
@@ -97,7 +96,7 @@ def setup(backend: str = "auto", timeout_s: float = 600.0) -> Comm:
     device (decided together, so ranks never disagree), gloo otherwise.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
-    if "torch" in sys.modules:  # only a process that imported torch can hold a process group
+    if torch_loaded():  # only a process that imported torch can hold a process group
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             pg_backend = str(dist.get_backend())

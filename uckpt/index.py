@@ -15,7 +15,7 @@ from .errors import CheckpointError, UnsupportedCheckpointError
 from .layout import CheckpointFiles
 from .read import ModelMeta, OptimMeta
 from .shard import FallbackSpec, Fragment, ParamSpec, shape_numel
-from .torchfmt import TensorData, torch_loaded
+from .torchfmt import TensorData, is_torch_tensor
 from .tp_rules import MergeRule, RuleBook
 
 
@@ -47,20 +47,13 @@ class CheckpointIndex:
 
 def _steps_equal(a, b) -> bool:
     """Steps as read from shards (``TensorData``) or from a Universal folder (torch tensors)."""
-    if _is_torch(a) or _is_torch(b):
+    if is_torch_tensor(a) or is_torch_tensor(b):
         import torch
         a, b = [x.to_torch() if isinstance(x, TensorData) else x for x in (a, b)]
         return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(torch.equal(a, b))
     if isinstance(a, TensorData) or isinstance(b, TensorData):
         return isinstance(a, TensorData) and isinstance(b, TensorData) and a == b
     return a == b
-
-
-def _is_torch(x) -> bool:
-    if not torch_loaded():
-        return False
-    import torch
-    return torch.is_tensor(x)
 
 
 def _check_bounds(frag: Fragment, meta: OptimMeta, path: str, name: str, allow_missing: bool = False):

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
 from . import torchfmt as F
+from .shard import shape_numel
 from .torchfmt import row_major_strides  # noqa: F401  (re-exported for the loader)
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_HEADER_MAGIC = b"PK\x03\x04"
-_CHUNK = 64 << 20
 
 
 class ReadStats:
@@ -100,7 +100,7 @@ class FileTensor:
     _loaded: Any = None  # fallback: a real (memory-mapped) torch tensor
 
     def numel(self) -> int:
-        return F.numel_of(self.shape)
+        return shape_numel(self.shape)
 
     def element_size(self) -> int:
         return F.itemsize(self.dtype)
@@ -153,7 +153,7 @@ class FileTensor:
         if self._loaded is not None or not self.contiguous:
             flat = self.load().reshape(-1)
             return torch.as_strided(flat, shape, strides, offset).clone()
-        numel = F.numel_of(shape)
+        numel = shape_numel(shape)
         out = torch.empty(numel, dtype=self.torch_dtype)
         if numel == 0:
             return out.view(shape)

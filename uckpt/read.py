@@ -111,7 +111,7 @@ def _group_states(state: Dict[str, Any], path: str, g: int) -> Tuple[Dict[str, i
                                                                    Optional[str]]:
     """A group's moment lengths, step, and the moments it lacks with the refusal DeepSpeed's rule implies
     (the index refuses them unless the group holds only AutoEP experts, which are converted best effort)."""
-    tensors = {k: v.numel() for k, v in state.items() if _is_tensor(v) and len(v.shape) == 1 and k != C.STEP_KEY}
+    tensors = {k: v.numel() for k, v in state.items() if isinstance(v, FileTensor) and len(v.shape) == 1 and k != C.STEP_KEY}
     missing = tuple(k for k in C.MOMENT_STATES if k not in tensors)
     refusal = None
     if missing:
@@ -121,10 +121,6 @@ def _group_states(state: Dict[str, Any], path: str, g: int) -> Tuple[Dict[str, i
                    "first optimizer step, cannot be converted")
     return ({k: tensors[k] for k in C.MOMENT_STATES if k in tensors}, _value(state.get(C.STEP_KEY)),
             C.STEP_KEY in state, missing, refusal)
-
-
-def _is_tensor(v) -> bool:
-    return isinstance(v, FileTensor)
 
 
 def _value(v):
@@ -197,16 +193,9 @@ def read_fragment(sd: Dict[str, Any], family: str, frag, state: str, out: memory
     tensor.read_into(out, frag.start, fds)
 
 
-def fragment_tensor(sd: Dict[str, Any], family: str, frag, state: str):
-    """A fragment's elements of ``state`` as a torch tensor (``verify``)."""
-    return state_tensor(sd, family, frag.group, state).read_strided(frag.start, (frag.numel,), (1,))
-
-
 @contextmanager
 def opened_checkpoint(files):
-    """Every shard of ``files`` opened lazily in this one process, with its metadata (inspect, verify).
-
-    """
+    """Every shard of ``files`` opened lazily in this one process, with its metadata (inspect, verify)."""
     shards = {s.index: load_shard(s.path) for s in files.sources}
     yield shards, {s.index: source_meta(s, shards[s.index], files.family) for s in files.sources}
 

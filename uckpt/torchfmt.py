@@ -18,24 +18,25 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-# dtype name -> (bytes per element, torch's legacy storage class that torch.save pickles)
-DTYPES: Dict[str, Tuple[int, str]] = {
-    "float32": (4, "FloatStorage"),
-    "float64": (8, "DoubleStorage"),
-    "float16": (2, "HalfStorage"),
-    "bfloat16": (2, "BFloat16Storage"),
-    "int64": (8, "LongStorage"),
-    "int32": (4, "IntStorage"),
-    "int16": (2, "ShortStorage"),
-    "int8": (1, "CharStorage"),
-    "uint8": (1, "ByteStorage"),
-    "bool": (1, "BoolStorage"),
-    "complex64": (8, "ComplexFloatStorage"),
-    "complex128": (16, "ComplexDoubleStorage"),
+from .shard import shape_numel
+
+# dtype name -> (bytes per element, torch's legacy storage class that torch.save pickles,
+#                 struct format of one element, None where struct has none)
+DTYPES: Dict[str, Tuple[int, str, Optional[str]]] = {
+    "float32": (4, "FloatStorage", "f"),
+    "float64": (8, "DoubleStorage", "d"),
+    "float16": (2, "HalfStorage", "e"),
+    "bfloat16": (2, "BFloat16Storage", None),
+    "int64": (8, "LongStorage", "q"),
+    "int32": (4, "IntStorage", "i"),
+    "int16": (2, "ShortStorage", "h"),
+    "int8": (1, "CharStorage", "b"),
+    "uint8": (1, "ByteStorage", "B"),
+    "bool": (1, "BoolStorage", "?"),
+    "complex64": (8, "ComplexFloatStorage", None),
+    "complex128": (16, "ComplexDoubleStorage", None),
 }
-STORAGE_DTYPES = {storage: name for name, (_, storage) in DTYPES.items()}
-_STRUCT_CODES = {"float32": "f", "float64": "d", "float16": "e", "int64": "q", "int32": "i", "int16": "h",
-                 "int8": "b", "uint8": "B", "bool": "?"}
+STORAGE_DTYPES = {storage: name for name, (_, storage, _) in DTYPES.items()}
 
 # record names inside the zip (torch/csrc/jit/serialization and torch/serialization.py)
 DATA_PKL = "data.pkl"
@@ -53,13 +54,6 @@ def itemsize(dtype: str) -> int:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype} is not one uckpt reads or writes without torch")
     return DTYPES[dtype][0]
-
-
-def numel_of(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def row_major_strides(shape) -> Tuple[int, ...]:
@@ -91,7 +85,7 @@ class TensorData:
     requires_grad: bool = False
 
     def numel(self) -> int:
-        return numel_of(self.shape)
+        return shape_numel(self.shape)
 
     def item(self):
         """The value of a one-element tensor (a step), as a Python number."""
@@ -101,7 +95,7 @@ class TensorData:
         raw = bytes(memoryview(self.data).cast("B")[self.storage_offset * size:(self.storage_offset + 1) * size])
         if self.dtype == "bfloat16":
             return struct.unpack("<f", b"\x00\x00" + raw)[0]
-        return struct.unpack("<" + _STRUCT_CODES[self.dtype], raw)[0]
+        return struct.unpack("<" + DTYPES[self.dtype][2], raw)[0]
 
     def to_torch(self):
         """A torch tensor with these values (its own memory)."""
@@ -210,6 +204,14 @@ def is_stub_class(obj) -> bool:
 def torch_loaded() -> bool:
     """Whether this process already paid for torch (then handing torch objects around costs nothing)."""
     return "torch" in sys.modules
+
+
+def is_torch_tensor(obj) -> bool:
+    """``torch.is_tensor(obj)``, without importing torch where it is not loaded (then nothing is a tensor)."""
+    if not torch_loaded():
+        return False
+    import torch
+    return torch.is_tensor(obj)
 
 
 def as_fp32_tensor(buf):

@@ -18,10 +18,11 @@ import os
 import pickle
 import struct
 import zlib
+from contextlib import contextmanager
 from typing import Any, Dict, List, Tuple
 
 from . import torchfmt as F
-from .ranged import STATS, FileTensor, pread_into
+from .ranged import FileTensor, pread_into
 
 _U32 = 0xFFFFFFFF
 _ZIP64_AT = _U32  # sizes and offsets from here on need zip64 fields (a test lowers it)
@@ -148,7 +149,7 @@ class _Pickler:
             w(_global("torch", "Size"))
             self._tuple((tuple(int(d) for d in obj),))
             w(b"R")
-        elif isinstance(obj, (FileTensor, F.TensorData)) or _is_torch_tensor(obj):
+        elif isinstance(obj, (FileTensor, F.TensorData)) or F.is_torch_tensor(obj):
             self._save_tensor(obj)
         elif isinstance(obj, F.Stub):
             w(_global(t._module, t._qualname))
@@ -193,21 +194,14 @@ def payload_bytes(obj: Any) -> int:
         return obj.storage_nbytes
     if isinstance(obj, F.TensorData):
         return len(memoryview(obj.data).cast("B"))
-    if _is_torch_tensor(obj):
+    if F.is_torch_tensor(obj):
         return obj.numel() * obj.element_size()
     return 0
 
 
-def _is_torch_tensor(obj) -> bool:
-    if not F.torch_loaded():
-        return False
-    import torch
-    return torch.is_tensor(obj)
-
-
 class _NoTensors(pickle.Pickler):
     def persistent_id(self, obj):
-        if isinstance(obj, (FileTensor, F.TensorData)) or _is_torch_tensor(obj):
+        if isinstance(obj, (FileTensor, F.TensorData)) or F.is_torch_tensor(obj):
             raise pickle.PicklingError(f"a tensor inside a {type(obj).__name__} object cannot be written here")
         return None
 
@@ -354,15 +348,22 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0] or "archive"  # torch names the zip's folder so
 
 
-def save(obj: Any, path: str) -> int:
-    """Write ``obj`` to ``path`` as ``torch.save(obj, path)`` would, streaming; returns the file's size."""
+@contextmanager
+def _created(path: str):
+    """A new (or truncated) file's descriptor, closed afterwards."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def save(obj: Any, path: str) -> int:
+    """Write ``obj`` to ``path`` as ``torch.save(obj, path)`` would, streaming; returns the file's size."""
+    with _created(path) as fd:
         sink = _FdSink(fd)
         size = _write_zip(obj, _stem(path), sink)
         sink.flush()
-    finally:
-        os.close(fd)
     return size
 
 
@@ -375,12 +376,9 @@ def to_bytes(obj: Any, path: str) -> bytes:
 
 def write_bytes(path: str, data) -> int:
     """Create ``path`` holding ``data``: open, write, close."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
+    with _created(path) as fd:
         _write_all(fd, memoryview(data).cast("B"))
-    finally:
-        os.close(fd)
     return len(data)
 
 
-__all__ = ["save", "to_bytes", "write_bytes", "payload_bytes", "STATS"]
+__all__ = ["save", "to_bytes", "write_bytes", "payload_bytes"]

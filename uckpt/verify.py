@@ -17,8 +17,8 @@ from .errors import UckptError
 from .index import _steps_equal, build_index
 from .layout import discover
 from .merge import state_payload
-from .read import fragment_tensor, opened_checkpoint
-from .torchfmt import TensorData, as_fp32_tensor
+from .read import opened_checkpoint, read_fragment
+from .torchfmt import TensorData
 from .universal import is_universal, list_params, load_payload, model_files, optimizer_state, payload_tensor
 
 
@@ -86,10 +86,9 @@ def _against(universal: str, native: str, by_name, failures: List[str]) -> int:
                     failures.append(f"{spec.name}: no {state}.pt")
                     continue
                 flat = bytearray(4 * spec.numel)
-                values = as_fp32_tensor(flat)
                 for f in spec.fragments:
-                    base = spec.flat_offset(f)
-                    values[base:base + f.numel] = fragment_tensor(shards[f.source], index.family, f, state)
+                    base = 4 * spec.flat_offset(f)
+                    read_fragment(shards[f.source], index.family, f, state, memoryview(flat)[base:base + 4 * f.numel])
                 expected = payload_tensor(state_payload(spec, flat, state), (TensorData, torch.Tensor))
                 if isinstance(expected, TensorData):
                     expected = expected.to_torch()

@@ -46,8 +46,8 @@ class OutputFolder:
         self.final = normalise(output_folder)
         self.partial = self.final + C.PARTIAL_SUFFIX
         self.zero = os.path.join(self.partial, C.UNIVERSAL_ZERO_FOLDER)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="uckpt-write")
         self._threads = max(1, io_threads)
+        self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="uckpt-write")
         self._pending: List[Future] = []
         self._batch: List[Tuple[str, Dict[str, bytes]]] = []  # (folder, {path: file bytes}) not written yet
         self._batch_bytes = 0
@@ -171,10 +171,14 @@ class _Progress:
         self.count, self.failed = 0, False
         self.cond = threading.Condition()
 
-    def advance(self, count: int = None, failed: bool = False):
+    def advance(self):
         with self.cond:
-            self.count = self.count + 1 if count is None else count
-            self.failed = self.failed or failed
+            self.count += 1
+            self.cond.notify_all()
+
+    def fail(self):
+        with self.cond:
+            self.failed = True
             self.cond.notify_all()
 
     def wait_for(self, i: int) -> bool:
@@ -189,7 +193,7 @@ def _make_folders(folders: List[str], made: _Progress) -> Tuple[int, int]:
             os.makedirs(folder, exist_ok=True)
             made.advance()
     except BaseException:
-        made.advance(failed=True)
+        made.fail()
         raise
     return 0, 0
 
