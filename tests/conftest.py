@@ -68,6 +68,16 @@ CKPTS: Dict[str, Ckpt] = {
 }
 
 
+def _ds_workers(name: str) -> Tuple[str, ...]:
+    """DeepSpeed's converter flags for ``name``. A pipeline checkpoint ties its embedding across
+    stages, and every stage writes that parameter's temp fragments to the same paths: with DeepSpeed's
+    worker pools the writes race and the run fails at random (a size mismatch or a torn zip). One
+    worker each makes it deterministic (the last stage's fragments win, whole)."""
+    if CKPTS[name].module == "uckpt.examples.pipe_train":
+        return ("--num_extract_workers", "1", "--num_merge_workers", "1")
+    return ()
+
+
 class Store:
     def __init__(self, root: str):
         self.root = root
@@ -101,7 +111,7 @@ class Store:
         """DeepSpeed's ds_to_universal output; its parent holds latest_universal."""
         def build():
             out = os.path.join(self.root, name, "ds", "universal")
-            runner.ds_to_universal(self.tag(name), out, "--inject_missing_state")
+            runner.ds_to_universal(self.tag(name), out, "--inject_missing_state", *_ds_workers(name))
             return out
         return self._once(("ds", name), build)
 
