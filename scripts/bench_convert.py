@@ -8,8 +8,9 @@ Builds (once, cached under .cache/bench/) two checkpoints with real DeepSpeed on
 Runs ds_to_universal.py (its default workers) and uckpt with 1 and 2 ranks alternately, --repeat
 times each (the order rotated each round), and prints median wall time, peak memory summed over all processes of the run
 (RSS, and anonymous RSS which excludes mapped file pages), and temporary bytes written.
-Temporary bytes: DeepSpeed's temp folder, measured in one extra run with --keep_temp_folder;
-for uckpt, every byte its ranks report writing minus the bytes of the final output.
+Temporary bytes: DeepSpeed's temp folder (its timed runs keep it, --keep_temp_folder); for uckpt,
+every byte its ranks report writing minus the bytes of the final output. Outputs are checked
+against DeepSpeed's after the timed runs, and deleted only at the end (see settle()).
 
     python scripts/bench_convert.py [--repeat 3] [--only small-tensors]
 """
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Optional
 
 import psutil
 
@@ -59,7 +61,8 @@ def _tree_memory(proc: psutil.Process):
             with open(f"/proc/{p.pid}/status") as f:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
             rss += int(fields["VmRSS"].split()[0]) * 1024
-            anon += int(fields["RssAnon"].split()[0]) * 1024
+            # anonymous memory, and shared anonymous memory (RssShmem), which would hide a MAP_SHARED buffer
+            anon += (int(fields["RssAnon"].split()[0]) + int(fields["RssShmem"].split()[0])) * 1024
         except (FileNotFoundError, ProcessLookupError, KeyError, psutil.NoSuchProcess):
             pass
     return rss, anon
@@ -85,14 +88,52 @@ def measure(cmd):
     return wall, peak[0], peak[1]
 
 
-def settle():
-    """Flush dirty pages and give the disk a moment after deleting the previous output.
+def settle(previous: Optional[str]):
+    """Flush the previous run's dirty pages, drop its output from the page cache, and give the disk a
+    moment: every tool starts from the same state (the input cached, free memory for its output).
 
-    On the ext4 (discard) VM disk of this machine, file creation right after deleting thousands
-    of files runs several times slower; settling first treats every tool alike.
+    Nothing is deleted between runs: every output (and DeepSpeed's temp folder, kept by
+    --keep_temp_folder) stays until the benchmark ends. On a journal-less ext4 such as this
+    machine's disk, the kernel avoids reusing an inode for 60 s after its deletion, 300 s while its
+    inode-table block is dirty (fs/ext4/ialloc.c: recently_deleted), and each new inode scans past
+    those; right after thousands of files were deleted, creating files in the same block groups ran
+    2-3x slower here (perf: most time in recently_deleted). Deleting between runs would charge that
+    to whichever tool runs next. DeepSpeed is spared deleting its temp folder inside its timed run.
     """
     subprocess.run(["sync"], check=False)
+    if previous:
+        for r, _, names in os.walk(previous):
+            for n in names:
+                fd = os.open(os.path.join(r, n), os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
     time.sleep(2)
+
+
+REUSE_WINDOW_S = 300  # fs/ext4/ialloc.c: RECENTCY_DIRTY, the longest a deleted inode is passed over
+
+
+def remove_outputs(work: str, root: str):
+    """Delete the benchmark's outputs and note when, for wait_for_inode_reuse()."""
+    shutil.rmtree(work)
+    with open(os.path.join(root, "outputs-removed-at"), "w") as f:
+        f.write(f"{time.time()}\n")
+
+
+def wait_for_inode_reuse(root: str):
+    """Wait until the outputs that the previous benchmark deleted no longer slow file creation (see
+    settle()); a run started right after another one's clean-up was slower for every tool here."""
+    try:
+        with open(os.path.join(root, "outputs-removed-at")) as f:
+            left = float(f.read()) + REUSE_WINDOW_S - time.time()
+    except (FileNotFoundError, ValueError):
+        return
+    if left > 0:
+        print(f"waiting {left:.0f} s: the previous benchmark deleted its outputs less than {REUSE_WINDOW_S} s ago, "
+              "and until then creating files here is slower (see settle())", flush=True)
+        time.sleep(left)
 
 
 def folder_bytes(folder: str) -> int:
@@ -107,13 +148,19 @@ def main():
     ap.add_argument("--json", default=os.path.join(runner.REPO, "runs", "bench", "results.json"))
     args = ap.parse_args()
     results = {}
+    work = os.path.join(args.root, "out")
+    if os.path.exists(work):
+        print(f"removing {work}, left by an interrupted benchmark", flush=True)
+        remove_outputs(work, args.root)
+    wait_for_inode_reuse(args.root)
+    previous = None  # the folder of the last timed run
     for case in [args.only] if args.only else list(CASES):
         tag = build(case, args.root)
-        work = os.path.join(os.path.dirname(os.path.dirname(tag)), "out")
         in_bytes = folder_bytes(tag)
         tools = {
+            # --keep_temp_folder: its temp files are counted, and not deleted inside the timed run (see settle())
             "deepspeed": lambda out: [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                                      tag, "--output_folder", out, "--inject_missing_state"],
+                                      tag, "--output_folder", out, "--inject_missing_state", "--keep_temp_folder"],
             "uckpt-1": lambda out: [sys.executable, "-m", "uckpt", "convert", "--input_folder", tag, "--output_folder",
                                     out, "--inject_missing_state", "--quiet"],
             "uckpt-1-256MB": lambda out: [sys.executable, "-m", "uckpt", "convert", "--input_folder", tag,
@@ -122,36 +169,26 @@ def main():
             "uckpt-2": lambda out: runner.torchrun_cmd(2, ["-m", "uckpt", "convert", "--input_folder", tag,
                                                            "--output_folder", out, "--inject_missing_state", "--quiet"]),
         }
-        shutil.rmtree(work, ignore_errors=True)  # left by an interrupted benchmark
         runs = {t: [] for t in tools}
         names = list(tools)
-        timed, kept = os.path.join(work, "timed"), os.path.join(work, "kept")
+        outputs = lambda tool, i: os.path.join(work, case, f"{tool}-{i}", "universal")  # noqa: E731
         for i in range(args.repeat):
-            # rotate the order each round: a run right after another tool's output was deleted (and
-            # after DeepSpeed removed its temp folder) meets a slower disk here, so no tool always goes second
+            # rotate the order each round, so that no tool always runs right after another one
             for tool in names[i % len(names):] + names[:i % len(names)]:
-                shutil.rmtree(timed, ignore_errors=True)
-                settle()
-                out = os.path.join(timed, tool, "universal")
-                runs[tool].append(measure(tools[tool](out)))
-                if i == args.repeat - 1 and tool != "deepspeed":  # checked after the timed runs
-                    os.makedirs(os.path.join(kept, tool))
-                    os.rename(out, os.path.join(kept, tool, "universal"))
-        ref = os.path.join(work, "ref", "universal")
-        runner.ds_to_universal(tag, ref, "--inject_missing_state")
+                settle(previous)
+                runs[tool].append(measure(tools[tool](outputs(tool, i))))
+                previous = os.path.dirname(outputs(tool, i))
+        # checked after the timed runs, against DeepSpeed's last timed output (its tmp/ folder left out)
+        ref = outputs("deepspeed", args.repeat - 1)
+        runs["deepspeed:temp"] = folder_bytes(os.path.join(ref, "tmp"))
         for tool in names[1:]:
-            out = os.path.join(kept, tool, "universal")
-            diffs = compare_universal(out, ref, skip=lambda rel: rel == TIED_ALIAS)
+            out = outputs(tool, args.repeat - 1)
+            diffs = compare_universal(out, ref, skip=lambda rel: rel == TIED_ALIAS or rel.startswith("tmp" + os.sep))
             assert not diffs, (tool, diffs[:5])
             report = json.load(open(os.path.join(out, "uckpt_report.json")))
             written = sum(r["written_bytes"] for r in report["ranks"])
             runs[tool + ":temp"] = written - (folder_bytes(out) - os.path.getsize(
                 os.path.join(out, "uckpt_report.json")))
-        shutil.rmtree(work, ignore_errors=True)
-        keep = os.path.join(work, "keep", "universal")
-        runner.ds_to_universal(tag, keep, "--inject_missing_state", "--keep_temp_folder")
-        runs["deepspeed:temp"] = folder_bytes(os.path.join(keep, "tmp"))
-        shutil.rmtree(work, ignore_errors=True)
         row = {}
         for tool in tools:
             walls, rss, anon = zip(*runs[tool])
@@ -160,6 +197,7 @@ def main():
                          "walls": walls}
         results[case] = {"input_mib": in_bytes / 2**20, "tools": row}
         print_case(case, results[case], args.repeat)
+    remove_outputs(work, args.root)  # nothing is deleted before every run is done, see settle()
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
