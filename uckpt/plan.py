@@ -31,19 +31,43 @@ def param_bytes(numel: int) -> int:
 
 
 def assign_owners(index: CheckpointIndex, readers: Sequence[int], world: int) -> List[int]:
-    """Owner of each parameter, balanced by bytes (largest first onto the least-loaded rank); among
-    equally loaded ranks, the one that already reads most of the parameter's fragments."""
-    load = [0] * world
-    owners = [0] * len(index.params)
-    for i in sorted(range(len(index.params)), key=lambda i: (-index.params[i].numel, i)):
-        p = index.params[i]
-        local = [0] * world
+    """Owner of each parameter, balanced by bytes with as little as possible crossing the network.
+
+    Each parameter first goes to the rank that reads most of its fragments. A rank left above its
+    fair share (total / world, or the largest parameter) then gives away the parameters it holds
+    least of (a parameter split across files first, then the smaller), each to the rank that reads
+    most of it among those with room, else to the least-loaded rank; so no rank ends more than one
+    parameter above the average. Deterministic: ties go to the lower rank.
+    """
+    sizes = [param_bytes(p.numel) for p in index.params]
+    cap = max([sum(sizes) / world] + sizes) if sizes else 0
+    local = []
+    for p in index.params:
+        here = [0] * world
         for f in p.fragments:
-            local[readers[f.source]] += f.numel
-        lowest = min(load)
-        r = max((r for r in range(world) if load[r] == lowest), key=lambda r: (local[r], -r))
-        owners[i] = r
-        load[r] += param_bytes(p.numel)
+            here[readers[f.source]] += f.numel
+        local.append(here)
+    owners = [max(range(world), key=lambda r: (here[r], -r)) for here in local]
+    load = [0] * world
+    for i, r in enumerate(owners):
+        load[r] += sizes[i]
+    for r in range(world):
+        if load[r] <= cap:
+            continue
+        mine = [i for i in range(len(owners)) if owners[i] == r]
+        for i in sorted(mine, key=lambda i: (local[i][r] / max(index.params[i].numel, 1), sizes[i], i)):
+            if load[r] <= cap:
+                break
+            room = [d for d in range(world) if d != r and load[d] + sizes[i] <= cap]
+            if room:
+                d = max(room, key=lambda d: (local[i][d], -load[d], -d))
+            else:
+                d = min(range(world), key=lambda d: (load[d], d))
+                if load[d] + sizes[i] >= load[r]:
+                    continue  # moving it would not even out anything
+            owners[i] = d
+            load[r] -= sizes[i]
+            load[d] += sizes[i]
     return owners
 
 
