@@ -15,6 +15,7 @@ from typing import Any, Dict, List
 
 from . import __version__
 from . import constants as C
+from . import directio
 from .comm import Comm
 from .index import CheckpointIndex, build_index
 from .layout import discover
@@ -69,27 +70,42 @@ def _pack(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, shards, rank: i
 
 def _assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv: bytearray, shards, rank: int,
               fds: FileDescriptors):
-    """Owned parameters of the wave as {param: {state: its flat fp32 bytes}}.
+    """Owned parameters of the wave, each yielded as (param, {state: its flat fp32 bytes}) as soon as
+    it is complete, so that its write (a writer thread's, for a large one) overlaps the reads of the
+    next ones, and its buffers go once written.
 
-    Fragments from other ranks come from ``recv``; this rank's own are read from its shards straight
-    into place (with one rank, nothing is ever staged in a send buffer)."""
-    out = {p: {st: bytearray(4 * index.params[p].numel) for st in C.TENSOR_STATES}
+    Fragments from other ranks come from ``recv`` (placed first: a copy in memory); this rank's own
+    are read from its shards straight into place (with one rank, nothing is ever staged in a send
+    buffer)."""
+    out = {p: {st: directio.buffer(4 * index.params[p].numel) for st in C.TENSOR_STATES}
            for p in wave.params if plan.owners[p] == rank}
     incoming = memoryview(recv)
     pos = 0
     for s in range(plan.world_size):
+        if s == rank:
+            continue
         for p, j in wave.sends.get((s, rank), ()):
             spec = index.params[p]
-            f = spec.fragments[j]
-            lo, n = 4 * spec.flat_offset(f), 4 * f.numel
+            lo, n = 4 * spec.flat_offset(spec.fragments[j]), 4 * spec.fragments[j].numel
             for st in C.TENSOR_STATES:
-                if s == rank:
-                    if st not in spec.skip_states:
-                        read_fragment(shards[f.source], index.family, f, st, memoryview(out[p][st])[lo:lo + n], fds)
-                else:
-                    out[p][st][lo:lo + n] = incoming[pos:pos + n]
-                    pos += n
-    return out
+                out[p][st][lo:lo + n] = incoming[pos:pos + n]
+                pos += n
+    mine = wave.sends.get((rank, rank), ())
+    left = {p: 0 for p in out}
+    for p, _ in mine:
+        left[p] += 1
+    for p in [p for p, k in left.items() if k == 0]:
+        yield p, out.pop(p)
+    for p, j in mine:
+        spec = index.params[p]
+        f = spec.fragments[j]
+        lo, n = 4 * spec.flat_offset(f), 4 * f.numel
+        for st in C.TENSOR_STATES:
+            if st not in spec.skip_states:  # else a zero placeholder: that state is not written
+                read_fragment(shards[f.source], index.family, f, st, memoryview(out[p][st])[lo:lo + n], fds)
+        left[p] -= 1
+        if not left[p]:
+            yield p, out.pop(p)
 
 
 def _write_param(out: OutputFolder, index: CheckpointIndex, p: int, flats: Dict[str, bytearray], aliases_of):
@@ -205,6 +221,11 @@ def _run(cfg, comm: Comm, fds: FileDescriptors, stream=None) -> Dict[str, Any]:
                 out.prepare()
         progress.log(f"ZeRO-{index.zero_stage} checkpoint, dp={index.dp_degree}: {len(index.params)} parameters, "
                      f"{len(plan.waves)} wave(s)")
+        if index.autoep_uc is None:  # plain copies of model files, independent of the rest: they overlap it
+            for s, writer in plan.copy_writers.items():
+                if writer == rank:
+                    read_bytes += files.sources[s].nbytes
+                    out.copy(files.sources[s].path)
         aliases_of: Dict[str, List[str]] = {}
         for alias, canonical in index.aliases.items():
             aliases_of.setdefault(canonical, []).append(alias)
@@ -217,12 +238,10 @@ def _run(cfg, comm: Comm, fds: FileDescriptors, stream=None) -> Dict[str, Any]:
             timings["exchange"] = timings.get("exchange", 0.0) + time.monotonic() - t0
             del send
             with _Phase(comm, timings, "merge_write"):
-                owned = _assemble(wave, index, plan, recv, shards, rank, fds)
-                del recv
-                for p, flats in owned.items():
+                for p, flats in _assemble(wave, index, plan, recv, shards, rank, fds):
                     _write_param(out, index, p, flats, aliases_of)
+                del recv
                 out.flush()
-                del owned
             progress.update(len(wave.params), sum(param_bytes(index.params[p].numel) for p in wave.params))
         with _Phase(comm, timings, "other_files"):
             for i, fb in enumerate(index.fallbacks):
@@ -234,13 +253,9 @@ def _run(cfg, comm: Comm, fds: FileDescriptors, stream=None) -> Dict[str, Any]:
                 out.save(_optimizer_state(index, shards[index.optimizer_state_source]), C.UNIVERSAL_ZERO_FOLDER,
                          C.UNIVERSAL_OPTIMIZER_STATE_FILE)
             for s, writer in plan.copy_writers.items():
-                if writer == rank:
+                if writer == rank and index.autoep_uc is not None:  # model files with expert metadata added
                     read_bytes += files.sources[s].nbytes
-                    if index.autoep_uc is None:
-                        out.copy(files.sources[s].path)
-                    else:
-                        out.save(_with_autoep_info(shards[s], *index.autoep_uc),
-                                 os.path.basename(files.sources[s].path))
+                    out.save(_with_autoep_info(shards[s], *index.autoep_uc), os.path.basename(files.sources[s].path))
             out.flush()
         progress.update(0, 0, final=True)
         mine = {"rank": rank, "opened": opened, "read_bytes": read_bytes, "written_bytes": out.bytes_written,

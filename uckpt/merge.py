@@ -12,6 +12,7 @@ Both give the same keys in the same order.
 from typing import Any, Dict, List
 
 from . import constants as C
+from . import directio
 from .shard import ParamSpec, shape_numel
 from .torchfmt import TensorData, as_fp32_tensor
 
@@ -82,7 +83,7 @@ def to_fp32(t: TensorData) -> TensorData:
         return t
     if t.dtype == "bfloat16":
         raw = memoryview(t.data).cast("B")
-        out = bytearray(2 * len(raw))
+        out = directio.buffer(2 * len(raw))  # aligned when large: written directly
         out[2::4], out[3::4] = raw[0::2], raw[1::2]  # little-endian: fp32 = bf16 bits << 16
         return TensorData("float32", tuple(t.shape), out)
     import numpy as np

@@ -21,6 +21,7 @@ import zlib
 from contextlib import contextmanager
 from typing import Any, Dict, List, Tuple
 
+from . import directio
 from . import torchfmt as F
 from .ranged import FileTensor, pread_into
 
@@ -233,7 +234,7 @@ class _ZipWriter:
         raw = name.encode()
         big = size >= _ZIP64_AT  # (a far offset only matters in the central directory)
         extra = struct.pack("<HHQQ", 1, 16, 0, 0) if big else b""
-        pad = -(self.pos + 30 + len(raw) + len(extra) + 4) % F.ALIGNMENT
+        pad = -(self.pos + 30 + len(raw) + len(extra) + 4) % directio.alignment(size)
         extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
         header_offset = self.pos
         self._write(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 45 if big else 20, 0x808, 0, 0, 0, 0,
@@ -272,7 +273,7 @@ class _ZipWriter:
 
 
 def _file_chunks(path: str, offset: int, nbytes: int):
-    buf = bytearray(min(nbytes, _COPY_CHUNK))
+    buf = directio.buffer(min(nbytes, _COPY_CHUNK))
     fd = os.open(path, os.O_RDONLY)
     try:
         done = 0
@@ -284,31 +285,6 @@ def _file_chunks(path: str, offset: int, nbytes: int):
             done += n
     finally:
         os.close(fd)
-
-
-class _FdSink:
-    """Buffered writes to a file descriptor: small pieces gathered, large ones written straight through
-    (three system calls for a small file: open, write, close)."""
-
-    def __init__(self, fd: int):
-        self.fd, self.buf = fd, bytearray()
-
-    def write(self, data):
-        if len(data) >= _FLUSH_AT:
-            self.flush()
-            _write_all(self.fd, memoryview(data).cast("B"))
-        else:
-            self.buf += data
-            if len(self.buf) >= _FLUSH_AT:
-                self.flush()
-
-    def flush(self):
-        if self.buf:
-            _write_all(self.fd, memoryview(self.buf))
-            self.buf = bytearray()
-
-
-_FLUSH_AT = 1 << 20
 
 
 def _write_all(fd: int, view: memoryview):
@@ -361,9 +337,12 @@ def _created(path: str):
 def save(obj: Any, path: str) -> int:
     """Write ``obj`` to ``path`` as ``torch.save(obj, path)`` would, streaming; returns the file's size."""
     with _created(path) as fd:
-        sink = _FdSink(fd)
-        size = _write_zip(obj, _stem(path), sink)
-        sink.flush()
+        sink = directio.Sink(fd, path)
+        try:
+            size = _write_zip(obj, _stem(path), sink)
+            sink.flush()
+        finally:
+            sink.close()
     return size
 
 

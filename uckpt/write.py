@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Dict, List, Tuple
 
 from . import constants as C
+from . import directio
 from . import tsave
 from .errors import OutputError
 
@@ -220,4 +221,4 @@ def _write_image(path: str, data: bytes) -> int:
 
 
 def _copy(src: str, folder: str) -> Tuple[int, int]:
-    return os.path.getsize(shutil.copy2(src, folder)), 1
+    return directio.copy_file(src, os.path.join(folder, os.path.basename(src))), 1
