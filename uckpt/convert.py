@@ -221,11 +221,13 @@ def _run(cfg, comm: Comm, fds: FileDescriptors, stream=None) -> Dict[str, Any]:
                 out.prepare()
         progress.log(f"ZeRO-{index.zero_stage} checkpoint, dp={index.dp_degree}: {len(index.params)} parameters, "
                      f"{len(plan.waves)} wave(s)")
-        if index.autoep_uc is None:  # plain copies of model files, independent of the rest: they overlap it
-            for s, writer in plan.copy_writers.items():
-                if writer == rank:
-                    read_bytes += files.sources[s].nbytes
+        for s, writer in plan.copy_writers.items():  # model files, independent of the rest: they overlap it
+            if writer == rank:
+                read_bytes += files.sources[s].nbytes
+                if index.autoep_uc is None:
                     out.copy(files.sources[s].path)
+                else:  # with expert metadata added
+                    out.save(_with_autoep_info(shards[s], *index.autoep_uc), os.path.basename(files.sources[s].path))
         aliases_of: Dict[str, List[str]] = {}
         for alias, canonical in index.aliases.items():
             aliases_of.setdefault(canonical, []).append(alias)
@@ -252,10 +254,6 @@ def _run(cfg, comm: Comm, fds: FileDescriptors, stream=None) -> Dict[str, Any]:
             if plan.optimizer_state_writer == rank:
                 out.save(_optimizer_state(index, shards[index.optimizer_state_source]), C.UNIVERSAL_ZERO_FOLDER,
                          C.UNIVERSAL_OPTIMIZER_STATE_FILE)
-            for s, writer in plan.copy_writers.items():
-                if writer == rank and index.autoep_uc is not None:  # model files with expert metadata added
-                    read_bytes += files.sources[s].nbytes
-                    out.save(_with_autoep_info(shards[s], *index.autoep_uc), os.path.basename(files.sources[s].path))
             out.flush()
         progress.update(0, 0, final=True)
         mine = {"rank": rank, "opened": opened, "read_bytes": read_bytes, "written_bytes": out.bytes_written,

@@ -18,6 +18,7 @@ import errno
 import mmap
 import os
 
+from .ranged import pread_into
 from .torchfmt import ALIGNMENT
 
 PAGE = mmap.PAGESIZE
@@ -48,7 +49,8 @@ def _address(view: memoryview) -> int:
         return -1
 
 
-def _write_all(fd: int, view: memoryview, pos: int) -> int:
+def write_all(fd: int, view: memoryview, pos: int) -> int:
+    """Write all of ``view`` at file offset ``pos``; returns its length."""
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], pos + done)
@@ -79,7 +81,7 @@ class Sink:
             if os_fd is not None:
                 self._buffered(view[:head])
                 try:
-                    self.pos += _write_all(os_fd, view[head:head + body], self.pos)
+                    self.pos += write_all(os_fd, view[head:head + body], self.pos)
                     STATS["direct_bytes"] += body
                     view = view[head + body:]
                 except OSError as exc:  # opened, but this file system wants other alignment: buffered
@@ -105,7 +107,7 @@ class Sink:
 
     def _buffered(self, view: memoryview):
         if len(view):
-            self.pos += _write_all(self.fd, view, self.pos)
+            self.pos += write_all(self.fd, view, self.pos)
             STATS["buffered_bytes"] += len(view)
 
     def _direct_span(self, view: memoryview):
@@ -132,30 +134,35 @@ class Sink:
         return None if self._direct is False else self._direct
 
 
+def file_chunks(path: str, offset: int, nbytes: int, chunk: int = 32 << 20):
+    """``nbytes`` of ``path`` from ``offset``, read in pieces of at most ``chunk`` bytes into one
+    reused buffer (aligned when large, so the pieces can be written directly); yields views of it."""
+    buf = buffer(min(nbytes, chunk))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            view = memoryview(buf)[:min(len(buf), nbytes - done)]
+            pread_into(fd, view, offset + done)
+            yield view
+            done += len(view)
+    finally:
+        os.close(fd)
+
+
 def copy_file(src: str, dst: str) -> int:
-    """Copy ``src`` to the new file ``dst`` (its bytes; mode and times as ``shutil.copy2``) through an
-    aligned buffer, writing directly where possible; returns the bytes copied."""
+    """Copy ``src`` to the new file ``dst`` (its bytes; mode and times as ``shutil.copy2``), writing
+    directly where possible; returns the bytes copied."""
     import shutil
     size = os.path.getsize(src)
-    chunk = min(32 << 20, max(size, 1))
-    buf = buffer(chunk)
-    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    sink = Sink(dfd, dst)
     try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        sink = Sink(dfd, dst)
-        try:
-            done = 0
-            while done < size:
-                n = os.preadv(sfd, [memoryview(buf)[:min(chunk, size - done)]], done)
-                if n <= 0:
-                    raise IOError(f"{src}: file ended at {done} of {size} bytes while copying")
-                sink.write(memoryview(buf)[:n])
-                done += n
-            sink.flush()
-        finally:
-            sink.close()
-            os.close(dfd)
+        for piece in file_chunks(src, 0, size):
+            sink.write(piece)
+        sink.flush()
     finally:
-        os.close(sfd)
+        sink.close()
+        os.close(dfd)
     shutil.copystat(src, dst)
     return size

@@ -23,11 +23,10 @@ from typing import Any, Dict, List, Tuple
 
 from . import directio
 from . import torchfmt as F
-from .ranged import FileTensor, pread_into
+from .ranged import FileTensor
 
 _U32 = 0xFFFFFFFF
 _ZIP64_AT = _U32  # sizes and offsets from here on need zip64 fields (a test lowers it)
-_COPY_CHUNK = 32 << 20
 
 
 # --- pickle (protocol 2, no memo: the trees written here share no mutable objects) -------------
@@ -272,26 +271,6 @@ class _ZipWriter:
                                 _U32 if z64 else cd_size, _U32 if z64 else cd_offset, 0))
 
 
-def _file_chunks(path: str, offset: int, nbytes: int):
-    buf = directio.buffer(min(nbytes, _COPY_CHUNK))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < nbytes:
-            n = min(len(buf), nbytes - done)
-            view = memoryview(buf)[:n]
-            pread_into(fd, view, offset + done)
-            yield view
-            done += n
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, view: memoryview):
-    while len(view):
-        view = view[os.write(fd, view):]
-
-
 _IDS = itertools.count()
 _ID_BASE = int.from_bytes(os.urandom(8), "little")
 
@@ -309,7 +288,7 @@ def _write_zip(obj: Any, stem: str, sink) -> int:
             records.append((F.DATA_PREFIX + st.key, st.nbytes, lambda m=st.mem: [m] if len(m) else []))
         else:
             records.append((F.DATA_PREFIX + st.key, st.nbytes,
-                            lambda s=st: _file_chunks(s.file[0], s.file[1], s.nbytes)))
+                            lambda s=st: directio.file_chunks(s.file[0], s.file[1], s.nbytes)))
     ident = f"{_ID_BASE:020d}{next(_IDS):020d}".encode()  # torch writes a 40-digit id; unique per file here
     records += [(F.VERSION[0], len(F.VERSION[1]), lambda: [F.VERSION[1]]),
                 (F.SERIALIZATION_ID, len(ident), lambda: [ident])]
@@ -356,7 +335,7 @@ def to_bytes(obj: Any, path: str) -> bytes:
 def write_bytes(path: str, data) -> int:
     """Create ``path`` holding ``data``: open, write, close."""
     with _created(path) as fd:
-        _write_all(fd, memoryview(data).cast("B"))
+        directio.write_all(fd, memoryview(data).cast("B"), 0)
     return len(data)
 
 
