@@ -29,8 +29,8 @@ from typing import Optional
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from uckpt.compare import compare_universal  # noqa: E402
-from uckpt.examples import runner  # noqa: E402
+from uckpt.tools.compare import compare_universal  # noqa: E402
+from examples import runner  # noqa: E402
 
 CASES = {
     "small-tensors": ["--layers", "800", "--hidden", "64", "--vocab", "64"],

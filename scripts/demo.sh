@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export DS_ACCELERATOR=cpu
-exec .venv/bin/python -m uckpt.examples.demo "$@"
+PYTHONPATH="scripts${PYTHONPATH:+:$PYTHONPATH}" exec .venv/bin/python -m examples.demo "$@"

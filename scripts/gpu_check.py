@@ -29,7 +29,8 @@ TIED_ALIAS = os.path.join("zero", "head.weight", "fp32.pt")
 
 def _run(cmd, **kw):
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, **kw)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "scripts")]))  # uckpt, examples
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, **kw)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc, time.perf_counter() - t0
@@ -82,7 +83,7 @@ def main():
 
     import torch
 
-    from uckpt.compare import compare_universal
+    from uckpt.tools.compare import compare_universal
 
     if not torch.cuda.is_available():
         print("GPU CHECK: no CUDA device here", flush=True)
@@ -97,7 +98,7 @@ def main():
     failures = []
     model = ["--layers", "4", "--hidden", "64", "--vocab", "128"]
 
-    _, secs = _run(_torchrun(1, "-m", "uckpt.examples.tiny_train", "--zero-stage", "2", "--dtype", "bf16",
+    _, secs = _run(_torchrun(1, "-m", "examples.tiny_train", "--zero-stage", "2", "--dtype", "bf16",
                              "--steps", "3", "--save-dir", w("native"), "--tag", "step3", *model))
     tag = w("native", "step3")
     print(f"trained and saved on the GPU with DeepSpeed ZeRO-2 bf16: {secs:.1f}s", flush=True)
@@ -128,7 +129,7 @@ def main():
     dumps = {}
     for stage, loader, folder in (("1", "deepspeed", "ds"), ("1", "uckpt", "nccl"), ("3", "uckpt", "nccl")):
         dump, rep = w(f"z{stage}-{loader}.pt"), w(f"z{stage}-{loader}.json")
-        _run(_torchrun(1, "-m", "uckpt.examples.tiny_train", "--zero-stage", stage, "--dtype", "bf16",
+        _run(_torchrun(1, "-m", "examples.tiny_train", "--zero-stage", stage, "--dtype", "bf16",
                        "--steps", "2", "--load-dir", w(folder), "--loader", loader, "--dump-state", dump,
                        "--report", rep, *model))
         dumps[stage, loader] = (torch.load(dump, weights_only=False), json.load(open(rep))["losses"])

@@ -34,7 +34,7 @@ def main():
     sys.path.insert(0, HERE)
     sys.path.insert(0, os.path.dirname(HERE))
     from bench_convert import measure
-    from uckpt.examples import runner
+    from examples import runner
     runs = [measure(runner.torchrun_cmd(args.nproc, [os.path.abspath(__file__), "--worker"]))
             for _ in range(args.repeat)]
     walls, rss, anon = zip(*runs)

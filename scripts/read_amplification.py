@@ -15,17 +15,17 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from uckpt.examples import runner  # noqa: E402
+from examples import runner  # noqa: E402
 
 CASES = [
     # name, trainer, save (nproc, args), resume (nproc, args)
-    ("TP=2 -> TP=2 (ZeRO-1, DP=1)", "uckpt.examples.autotp_train", (2, ("--tp", "2", "--zero-stage", "1")),
+    ("TP=2 -> TP=2 (ZeRO-1, DP=1)", "examples.autotp_train", (2, ("--tp", "2", "--zero-stage", "1")),
      (2, ("--tp", "2", "--zero-stage", "1"))),
-    ("TP=2 -> TP=2 x DP=2 (ZeRO-2)", "uckpt.examples.autotp_train", (2, ("--tp", "2", "--zero-stage", "1")),
+    ("TP=2 -> TP=2 x DP=2 (ZeRO-2)", "examples.autotp_train", (2, ("--tp", "2", "--zero-stage", "1")),
      (4, ("--tp", "2", "--zero-stage", "2"))),
-    ("EP=2 -> EP=2 (AutoEP, ZeRO-2, DP=2)", "uckpt.examples.autoep_train", (2, ("--ep", "2", "--zero-stage", "2")),
+    ("EP=2 -> EP=2 (AutoEP, ZeRO-2, DP=2)", "examples.autoep_train", (2, ("--ep", "2", "--zero-stage", "2")),
      (2, ("--ep", "2", "--zero-stage", "2"))),
-    ("DP=2 -> DP=3 (ZeRO-2, no TP)", "uckpt.examples.tiny_train", (2, ("--zero-stage", "2")),
+    ("DP=2 -> DP=3 (ZeRO-2, no TP)", "examples.tiny_train", (2, ("--zero-stage", "2")),
      (3, ("--zero-stage", "2"))),
 ]
 

@@ -7,10 +7,13 @@ import shutil
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
+import sys
+
 import pytest
 import torch
 
-from uckpt.examples import runner
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from examples import runner  # noqa: E402  (the example trainers and job runner live under scripts/)
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -21,7 +24,7 @@ class Ckpt:
 
     nproc: int
     args: Tuple[str, ...]
-    module: str = "uckpt.examples.tiny_train"
+    module: str = "examples.tiny_train"
     steps: int = 5
     save_at: int = 3
 
@@ -34,37 +37,37 @@ CKPTS: Dict[str, Ckpt] = {
     "z3-bf16-dp2": Ckpt(2, ("--zero-stage", "3", "--dtype", "bf16")),
     "z3-fp32-dp3": Ckpt(3, ("--zero-stage", "3", "--dtype", "fp32")),  # uneven ZeRO-3 partitions
     # pipeline (ZeRO-1, bf16, tied embedding across stages)
-    "pp2-dp1": Ckpt(2, ("--stages", "2"), module="uckpt.examples.pipe_train", steps=4, save_at=2),
-    "pp2-dp2": Ckpt(4, ("--stages", "2"), module="uckpt.examples.pipe_train", steps=4, save_at=2),
+    "pp2-dp1": Ckpt(2, ("--stages", "2"), module="examples.pipe_train", steps=4, save_at=2),
+    "pp2-dp2": Ckpt(4, ("--stages", "2"), module="examples.pipe_train", steps=4, save_at=2),
     # AutoTP: tiny random-weight Llama (GQA, vocabulary head, replicated norms; affine maps in UC info)
     "tp2-dp2-z2-bf16": Ckpt(4, ("--tp", "2", "--zero-stage", "2", "--dtype", "bf16"),
-                            module="uckpt.examples.autotp_train", steps=4, save_at=2),
+                            module="examples.autotp_train", steps=4, save_at=2),
     "tp2-dp1-z1-fp32": Ckpt(2, ("--tp", "2", "--zero-stage", "1", "--dtype", "fp32"),
-                            module="uckpt.examples.autotp_train", steps=3, save_at=2),
+                            module="examples.autotp_train", steps=3, save_at=2),
     "tp2-dp1-z3-bf16": Ckpt(2, ("--tp", "2", "--zero-stage", "3", "--dtype", "bf16"),
-                            module="uckpt.examples.autotp_train", steps=3, save_at=2),
+                            module="examples.autotp_train", steps=3, save_at=2),
     # AutoTP on a custom nn.Module split by a custom layer spec (column, fused 2-sub-parameter column, row, replicated)
     "tp2-custom-z2-fp32": Ckpt(2, ("--model", "custom", "--tp", "2", "--zero-stage", "2", "--dtype", "fp32"),
-                               module="uckpt.examples.autotp_train", steps=3, save_at=2),
+                               module="examples.autotp_train", steps=3, save_at=2),
     # TP=3: every split of the custom module is uneven (128 = 43 + 43 + 42), sub-parameter widths included
     "tp3-custom-z1-bf16": Ckpt(3, ("--model", "custom", "--tp", "3", "--zero-stage", "1", "--dtype", "bf16"),
-                               module="uckpt.examples.autotp_train", steps=3, save_at=2),
+                               module="examples.autotp_train", steps=3, save_at=2),
     # Llama with 8 heads / 4 kv heads, so it can resume at TP=4
     "tp2-llama8h-z1-bf16": Ckpt(2, ("--heads", "8", "--kv-heads", "4", "--tp", "2", "--zero-stage", "1", "--dtype",
-                                    "bf16"), module="uckpt.examples.autotp_train", steps=3, save_at=2),
+                                    "bf16"), module="examples.autotp_train", steps=3, save_at=2),
     # AutoEP: tiny random-weight Mixtral, 8 experts over autoep_size 2 (per-expert files, expert param groups)
     "ep2-dp2-z2-bf16": Ckpt(2, ("--ep", "2", "--zero-stage", "2", "--dtype", "bf16"),
-                            module="uckpt.examples.autoep_train", steps=4, save_at=2),
+                            module="examples.autoep_train", steps=4, save_at=2),
     # DP=4 over EP=2: each EP rank's experts partitioned over 2 expert-data-parallel ranks
     "ep2-dp4-z1-fp32": Ckpt(4, ("--ep", "2", "--zero-stage", "1", "--dtype", "fp32"),
-                            module="uckpt.examples.autoep_train", steps=3, save_at=2),
+                            module="examples.autoep_train", steps=3, save_at=2),
     "ep2-dp4-z2-bf16-dbep": Ckpt(4, ("--ep", "2", "--zero-stage", "2", "--dtype", "bf16", "--data-before-ep"),
-                                 module="uckpt.examples.autoep_train", steps=3, save_at=2),
+                                 module="examples.autoep_train", steps=3, save_at=2),
     # ZeRO-3, partition-native AutoEP (experts are ZeRO-3 params partitioned over expert-data-parallel ranks)
     "ep2-dp2-z3-bf16": Ckpt(2, ("--ep", "2", "--zero-stage", "3", "--dtype", "bf16"),
-                            module="uckpt.examples.autoep_train", steps=4, save_at=2),
+                            module="examples.autoep_train", steps=4, save_at=2),
     "ep2-dp4-z3-fp32": Ckpt(4, ("--ep", "2", "--zero-stage", "3", "--dtype", "fp32"),
-                            module="uckpt.examples.autoep_train", steps=3, save_at=2),
+                            module="examples.autoep_train", steps=3, save_at=2),
 }
 
 
@@ -73,7 +76,7 @@ def _ds_workers(name: str) -> Tuple[str, ...]:
     stages, and every stage writes that parameter's temp fragments to the same paths: with DeepSpeed's
     worker pools the writes race and the run fails at random (a size mismatch or a torn zip). One
     worker each makes it deterministic (the last stage's fragments win, whole)."""
-    if CKPTS[name].module == "uckpt.examples.pipe_train":
+    if CKPTS[name].module == "examples.pipe_train":
         return ("--num_extract_workers", "1", "--num_merge_workers", "1")
     return ()
 

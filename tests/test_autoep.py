@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import uckpt
-from uckpt import cli
-from uckpt import constants as C
-from uckpt.compare import compare_universal, load_state
+from uckpt.tools import cli
+from uckpt.dsformat import constants as C
+from uckpt.tools.compare import compare_universal, load_state
 from uckpt.errors import CheckpointError
 
 from test_resume import _assert_same_state
@@ -118,7 +118,7 @@ def test_expert_count_must_divide_target_ep(store):
 
 
 def test_inspect_reports_expert_parallelism(store):
-    from uckpt.inspect import inspect_path
+    from uckpt.tools.inspect import inspect_path
 
     info = inspect_path(store.tag("ep2-dp4-z1-fp32"))
     assert info["ep"] == 2 and info["dp"] == 4 and info["convertible"] is True

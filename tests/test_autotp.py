@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from uckpt.compare import checkpoint_files, compare_universal, load_state
+from uckpt.tools.compare import checkpoint_files, compare_universal, load_state
 
 from test_resume import _assert_same_state
 
@@ -103,7 +103,7 @@ def test_uneven_tp3_resume(store, tp):
 def test_diverged_replicas_name_the_parameter(copy_tag, tmp_path, capsys):
     """A TP-replicated parameter whose copies differ (here: TP rank 1's fp32 master of norm.weight edited)
     fails with the parameter, the ranks and the largest difference; nothing is left in the output."""
-    from uckpt import cli
+    from uckpt.tools import cli
 
     tag = copy_tag("tp2-custom-z2-fp32")
     path = os.path.join(tag, "zero_pp_rank_0_mp_rank_01_optim_states.pt")

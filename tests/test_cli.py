@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from uckpt import cli, config
-from uckpt.compare import compare_universal
+from uckpt.tools import cli
+from uckpt.tools import config
+from uckpt.tools.compare import compare_universal
 from uckpt.errors import UckptError
 
 
@@ -99,7 +100,7 @@ def test_python_api_in_process(store, tmp_path):
 
 
 def test_python_api_on_an_existing_process_group(store, tmp_path):
-    from uckpt.examples import runner
+    from examples import runner
 
     out, info = tmp_path / "pg" / "universal", tmp_path / "info.json"
     job = os.path.join(os.path.dirname(__file__), "jobs", "api_in_process_group.py")

@@ -8,8 +8,9 @@ import zipfile
 import pytest
 import torch
 
-from uckpt import directio, tsave
-from uckpt.torchfmt import TensorData
+from uckpt.torchsave import direct as directio
+from uckpt.torchsave import writer as tsave
+from uckpt.torchsave.format import TensorData
 
 
 def _direct_supported(folder) -> bool:
@@ -143,8 +144,9 @@ def test_direct_path_on_a_real_checkpoint_matches_deepspeed(store, tmp_path, mon
     """The test checkpoints' tensors are far below 1 MiB, so the thresholds are lowered to one block:
     every tensor of the real DeepSpeed ZeRO-2 bf16 checkpoint then streams through the direct path
     (4 KiB-aligned records, aligned buffers), and the output must still equal ds_to_universal's."""
-    from uckpt import convert, write
-    from uckpt.compare import compare_universal
+    from uckpt import convert
+    from uckpt.conversion import output as write
+    from uckpt.tools.compare import compare_universal
     if not _direct_supported(tmp_path):
         pytest.skip(f"{tmp_path}: this file system refuses O_DIRECT")
     monkeypatch.setattr(directio, "MIN_DIRECT", directio.DIRECT_ALIGN)

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from uckpt import cli
-from uckpt.examples import runner
+from uckpt.tools import cli
+from examples import runner
 
 
 def _fingerprint(folder):
@@ -133,7 +133,7 @@ def test_output_inside_input(store, capsys):
 
 
 def test_failure_while_writing_leaves_no_output(store, tmp_path, monkeypatch, capsys):
-    from uckpt import write
+    from uckpt.conversion import output as write
 
     calls = {"n": 0}
     real = write._write_image  # every file of this small checkpoint is created through it

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from uckpt.errors import CheckpointError, UnsupportedCheckpointError
-from uckpt.index import build_index
-from uckpt.layout import discover
-from uckpt.read import load_shard, source_meta
+from uckpt.dsformat.index import build_index
+from uckpt.dsformat.files import discover
+from uckpt.dsformat.shards import load_shard, source_meta
 
 
 def _metas(tag):
@@ -76,7 +76,7 @@ def test_fragment_outside_partition_is_an_error(store):
 
 def test_plain_name_patterns_match_literally():
     """DIFFERENCE from DeepSpeed's re.match: 'layers.1.' must not capture 'layers.10.'."""
-    from uckpt.tp_rules import RuleBook
+    from uckpt.dsformat.tp_rules import RuleBook
 
     names = {"layers.1.w", "layers.10.w", "layers.1.w2", "norm"}
     book = RuleBook({"tp_replicated_parameter_patterns": ["layers.1."],
@@ -95,7 +95,7 @@ def test_plain_name_patterns_match_literally():
 def test_autoep_rows_follow_the_placement_descriptor():
     """DeepSpeed's converter assumes contiguous expert placement; uckpt follows a recorded descriptor.
     EP rank 1 holds experts [3, 0] in packed order; a run crossing its local rows lands at both."""
-    from uckpt import autoep
+    from uckpt.dsformat import autoep
 
     entry = {"num_experts": 4, "num_local_experts": 2, "ep_size": 2,
              "expert_placement": {"version": 1, "num_experts": 4, "ep_size": 2,

@@ -5,7 +5,7 @@ import shutil
 
 import torch
 
-from uckpt import cli
+from uckpt.tools import cli
 
 
 def _run(capsys, *argv):

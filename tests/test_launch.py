@@ -5,8 +5,8 @@ import os
 import stat
 import subprocess
 
-from uckpt.compare import compare_universal
-from uckpt.examples import runner
+from uckpt.tools.compare import compare_universal
+from examples import runner
 
 LAUNCH = os.path.join(runner.REPO, "launch")
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import uckpt
-from uckpt import constants as C
+from uckpt.dsformat import constants as C
 from uckpt.errors import CheckpointError
-from uckpt.examples import runner
-from uckpt.examples.runner import JobError
+from examples import runner
+from examples.runner import JobError
 
 from conftest import CKPTS
 from test_resume import _assert_same_state, _universal_value

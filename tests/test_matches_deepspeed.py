@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from uckpt.compare import checkpoint_files, compare_universal, load_state
+from uckpt.tools.compare import checkpoint_files, compare_universal, load_state
 
 TIED_ALIAS = os.path.join("zero", "head.weight", "fp32.pt")
 

@@ -1,10 +1,10 @@
 """Plan arithmetic as pure functions: no processes, no files."""
 import pytest
 
-from uckpt.index import CheckpointIndex
-from uckpt.layout import CheckpointFiles
-from uckpt.plan import STATE_COUNT, assign_owners, assign_readers, make_plan, param_bytes
-from uckpt.shard import Fragment, ParamSpec, Source
+from uckpt.dsformat.index import CheckpointIndex
+from uckpt.dsformat.files import CheckpointFiles
+from uckpt.conversion.plan import STATE_COUNT, assign_owners, assign_readers, make_plan, param_bytes
+from uckpt.regions import Fragment, ParamSpec, Source
 
 
 def make_index(n_dp=4, params=((1000,), (30, 40), (7,), (5000,)), sizes=None):

@@ -1,7 +1,7 @@
 """Progress output: a live bar on a terminal, plain rate-limited lines otherwise, nothing when quiet."""
 import io
 
-from uckpt.progress import Progress
+from uckpt.conversion.progress import Progress
 
 
 class Terminal(io.StringIO):
@@ -37,3 +37,15 @@ def test_quiet_prints_nothing():
     p.log("hello")
     p.update(1, 1, final=True)
     assert out.getvalue() == ""
+
+
+def test_first_line_shows_however_small_the_monotonic_clock(monkeypatch):
+    """time.monotonic() counts from an arbitrary point (boot, on Linux): a machine up for less than
+    the interval must still print the first line."""
+    import uckpt.conversion.progress as progress
+
+    monkeypatch.setattr(progress.time, "monotonic", lambda: 10.0)
+    out = io.StringIO()
+    p = Progress(100, 100, enabled=True, stream=out, interval_s=3600)
+    p.update(1, 1)
+    assert out.getvalue().startswith("[uckpt] 1/100 params")

@@ -4,7 +4,7 @@ step and the next training losses."""
 import pytest
 import torch
 
-from uckpt.compare import load_state
+from uckpt.tools.compare import load_state
 
 RESUMES = [
     # (checkpoint, target world size, target args or () for the checkpoint's own)
@@ -51,7 +51,7 @@ def test_pipeline_tied_across_stages_with_dp(store):
     each, see conftest._ds_workers: its default pools race on that parameter). uckpt reads the first
     stage, DeepSpeed keeps the last, and the values are the same. The run then resumes from uckpt's
     output at PP=2 x DP=1."""
-    from uckpt.compare import compare_universal
+    from uckpt.tools.compare import compare_universal
 
     ours, theirs = store.uckpt_universal("pp2-dp2", 2), store.ds_universal("pp2-dp2")
     assert compare_universal(ours, theirs) == []

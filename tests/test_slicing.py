@@ -10,10 +10,10 @@ import torch
 from deepspeed.checkpoint.affine import contiguous_split_map, sub_param_map
 from deepspeed.checkpoint.universal_checkpoint import SubparamShape, load_hp_checkpoint_state
 
-from uckpt import constants as C
-from uckpt import ranged
+from uckpt.dsformat import constants as C
+from uckpt.torchsave import reader as ranged
 from uckpt.errors import CheckpointError
-from uckpt.slicing import Target, read_flat, shard_map, zero3_span
+from uckpt.load.slicing import Target, read_flat, shard_map, zero3_span
 
 Address = namedtuple("Address", "start numel")
 

@@ -13,11 +13,12 @@ import zipfile
 import pytest
 import torch
 
-from uckpt import ranged, tsave
-from uckpt import torchfmt as F
-from uckpt.compare import _diff
-from uckpt.examples import runner
-from uckpt.merge import to_fp32
+from uckpt.torchsave import reader as ranged
+from uckpt.torchsave import writer as tsave
+from uckpt.torchsave import format as F
+from uckpt.tools.compare import _diff
+from examples import runner
+from uckpt.conversion.payloads import to_fp32
 
 
 def _data(t: torch.Tensor) -> F.TensorData:
@@ -105,7 +106,7 @@ def test_one_process_conversion_imports_no_torch(store, tmp_path):
     """The point of the torch-free path: a dense one-process conversion loads neither torch nor
     DeepSpeed's runtime (each costs seconds at start-up)."""
     out = str(tmp_path / "u" / "universal")
-    code = ("import sys; from uckpt.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from uckpt.tools.cli import main; rc = main(sys.argv[1:]); "
             "bad = [m for m in ('torch', 'deepspeed') if m in sys.modules]; "
             "print('IMPORTED', bad); sys.exit(rc or bool(bad))")
     proc = subprocess.run([sys.executable, "-c", code, "convert", "--input_folder", store.tag("z2-bf16-dp4"),
@@ -114,5 +115,5 @@ def test_one_process_conversion_imports_no_torch(store, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "IMPORTED []" in proc.stdout
     skip = lambda rel: rel == os.path.join("zero", "head.weight", "fp32.pt")  # noqa: E731  (README: tied alias)
-    from uckpt.compare import compare_universal
+    from uckpt.tools.compare import compare_universal
     assert compare_universal(out, store.ds_universal("z2-bf16-dp4"), skip=skip) == []

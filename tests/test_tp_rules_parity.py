@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from uckpt.compare import compare_universal
-from uckpt.examples import runner
-from uckpt.examples.runner import JobError
+from uckpt.tools.compare import compare_universal
+from examples import runner
+from examples.runner import JobError
 
 RULES = {
     "universal_checkpoint_version": 0.4,

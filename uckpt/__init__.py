@@ -1,14 +1,14 @@
 """uckpt: distributed DeepSpeed ZeRO -> Universal checkpoint conversion.
 
 The loader's names are imported on first use: ``python -m uckpt convert`` of a dense checkpoint
-in one process never imports torch (see :mod:`uckpt.torchfmt`), while the loader needs it.
+in one process never imports torch (see :mod:`uckpt.torchsave`), while the loader needs it.
 """
 __version__ = "0.1.0"
 
-from .api import convert  # noqa: E402,F401  (binds over the submodule uckpt.convert)
+from .api import convert  # noqa: E402,F401
 from .errors import CheckpointError, OutputError, UckptError, UnsupportedCheckpointError  # noqa: E402,F401
 
-_LAZY = {"Topology": "load", "load_into_engine": "load", "load_state_dict": "load"}
+_LAZY = {"Topology": "load.state_dict", "load_into_engine": "load.engine", "load_state_dict": "load.state_dict"}
 __all__ = ["convert", "CheckpointError", "OutputError", "UckptError", "UnsupportedCheckpointError", *_LAZY]
 
 

@@ -1,7 +1,7 @@
 import os
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 rc = main()
 if "torch.distributed" in sys.modules:

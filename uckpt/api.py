@@ -1,9 +1,9 @@
 """Public Python entry points."""
 from typing import Any, Dict
 
-from . import comm as commmod
-from . import config as cfgmod
-from .convert import run
+from .conversion import comm as commmod
+from .tools import config as cfgmod
+from .conversion.run import run
 
 
 def run_with_config(cfg) -> Dict[str, Any]:

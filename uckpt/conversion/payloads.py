@@ -1,0 +1,91 @@
+"""Turn a parameter's assembled flat states into the payloads DeepSpeed's converter writes.
+
+Spec section 2.4: dicts holding the merged logical tensor under ``param`` plus the keys of the
+parameter's merge rule (``cat_dim``, ``sub_param_shape``, ``vocab_tensor``...); ZeRO-3 at TP=1
+writes the bare flat fp32 tensor; ``step.pt`` holds the raw step value.
+
+At one TP rank every rule but the affine map and sub-parameters keeps the data as it is (at
+most cutting vocabulary rows, a prefix of the bytes), so those payloads are built here from
+the assembled bytes; the others go through :func:`uckpt.tp_merge.merge_slices` on torch tensors.
+Both give the same keys in the same order.
+"""
+from typing import Any, Dict, List
+
+from ..dsformat import constants as C
+from ..torchsave import direct as directio
+from ..regions import ParamSpec
+from ..torchsave.format import TensorData, as_fp32_tensor, shape_numel
+
+_KEEP_DATA = ("cat", "replicated", "two_sub_params")  # rules that leave one TP slice unchanged
+
+
+def _keeps_data(spec: ParamSpec) -> bool:
+    rule = spec.rule
+    return len(spec.tp_shapes) == 1 and rule is not None and rule.kind in _KEEP_DATA and \
+        (rule.vocab_rows is None or len(spec.tp_shapes[0]) == 2)
+
+
+def tp_slices(spec: ParamSpec, flat) -> List[Any]:
+    """Split an assembled parameter (TP slices concatenated in TP order) into torch slices of each rank's shape."""
+    out, pos = [], 0
+    for shape in spec.tp_shapes:
+        n = shape_numel(shape)
+        out.append(flat.narrow(0, pos, n).view(shape))
+        pos += n
+    return out
+
+
+def state_payload(spec: ParamSpec, flat: bytearray, state: str) -> Any:
+    """Payload of one state file from the parameter's assembled fp32 bytes (which it may keep as its storage)."""
+    if spec.flat_output:
+        return TensorData("float32", (spec.numel,), flat)
+    if _keeps_data(spec):
+        return _one_slice_payload(spec, flat)
+    from .tp_merge import merge_slices
+    return merge_slices(spec.name, spec.rule, tp_slices(spec, as_fp32_tensor(flat)), state)
+
+
+def _one_slice_payload(spec: ParamSpec, flat: bytearray) -> Dict[str, Any]:
+    """What ``merge_slices`` returns for a single slice under a rule that keeps its data."""
+    rule = spec.rule
+    out: Dict[str, Any] = {}
+    if rule.kind == "two_sub_params":
+        out[C.CAT_DIM], out[C.PARAM_N_SUB_PARAMS] = 0, 2
+    elif rule.kind == "cat":
+        out[C.CAT_DIM] = rule.cat_dim
+    if rule.experts is not None:  # DeepSpeed's AutoEP payload, in its key order (spec 3.2)
+        out = {C.PARAM: None, C.CAT_DIM: 0, C.EP_IS_EXPERT_PARAM: True, C.EP_NUM_EXPERTS: rule.experts}
+    shape, data = tuple(spec.tp_shapes[0]), flat
+    if rule.vocab_rows is not None:  # param[:rows, :], the first rows of the row-major data
+        shape = (min(rule.vocab_rows, shape[0]),) + shape[1:]
+        data = memoryview(flat)[:4 * shape_numel(shape)]
+        out[C.VOCAB_TENSOR] = True
+    out[C.PARAM] = TensorData("float32", shape, data)
+    return out
+
+
+def alias_payload(spec: ParamSpec, fp32_flat: bytearray) -> Dict[str, Any]:
+    """fp32.pt of a tied alias: the canonical parameter's fp32 master (DeepSpeed's fallback layout: ``{param}``).
+
+    The index makes an alias only where that master is exactly the alias's tensor (TP=1, no vocabulary cut)."""
+    return {C.PARAM: TensorData("float32", tuple(spec.shape), fp32_flat)}
+
+
+def fallback_payload(module_tensor) -> Dict[str, Any]:
+    """fp32.pt of a module key without optimizer state (DeepSpeed 0.19.8: the lp value cast to fp32)."""
+    return {C.PARAM: to_fp32(module_tensor.to_data())}
+
+
+def to_fp32(t: TensorData) -> TensorData:
+    """``tensor.float()`` of a contiguous tensor: bf16 widens by placing its two bytes above two zero
+    bytes (no numpy needed, the common case), the rest as numpy's C casts do."""
+    if t.dtype == "float32":
+        return t
+    if t.dtype == "bfloat16":
+        raw = memoryview(t.data).cast("B")
+        out = directio.buffer(2 * len(raw))  # aligned when large: written directly
+        out[2::4], out[3::4] = raw[0::2], raw[1::2]  # little-endian: fp32 = bf16 bits << 16
+        return TensorData("float32", tuple(t.shape), out)
+    import numpy as np
+    values = np.frombuffer(t.data, dtype=np.dtype(t.dtype)).astype(np.float32)
+    return TensorData("float32", tuple(t.shape), bytearray(values.tobytes()))

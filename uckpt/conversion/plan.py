@@ -1,0 +1,167 @@
+"""The conversion plan: who reads which shard, who owns (merges and writes) which parameter,
+and which fragments move from reader to owner in each memory-bounded wave.
+
+Pure functions of plain data, in the spirit of ``torch.distributed.checkpoint`` planners: no
+I/O, no collectives, deterministic, so every rank computes the same plan and the arithmetic is
+unit-testable without processes.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+from ..dsformat.constants import TENSOR_STATES
+from ..dsformat.index import CheckpointIndex
+
+BYTES_PER_ELEMENT = 4  # the Universal states are fp32 (master weights and Adam moments)
+STATE_COUNT = len(TENSOR_STATES)
+
+
+def assign_readers(sizes: Sequence[int], world: int) -> List[int]:
+    """Rank that reads each file: largest files first onto the least-loaded rank (LPT), ties to the lower rank."""
+    load = [0] * world
+    readers = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        readers[i] = r
+        load[r] += sizes[i]
+    return readers
+
+
+def param_bytes(numel: int) -> int:
+    return numel * STATE_COUNT * BYTES_PER_ELEMENT
+
+
+def assign_owners(index: CheckpointIndex, readers: Sequence[int], world: int) -> List[int]:
+    """Owner of each parameter, balanced by bytes with as little as possible crossing the network.
+
+    Each parameter first goes to the rank that reads most of its fragments. A rank left above its
+    fair share (total / world, or the largest parameter) then gives away the parameters it holds
+    least of (a parameter split across files first, then the smaller), each to the rank that reads
+    most of it among those with room, else to the least-loaded rank; so no rank ends more than one
+    parameter above the average. Deterministic: ties go to the lower rank.
+    """
+    sizes = [param_bytes(p.numel) for p in index.params]
+    cap = max([sum(sizes) / world] + sizes) if sizes else 0
+    local = []
+    for p in index.params:
+        here = [0] * world
+        for f in p.fragments:
+            here[readers[f.source]] += f.numel
+        local.append(here)
+    owners = [max(range(world), key=lambda r: (here[r], -r)) for here in local]
+    load = [0] * world
+    for i, r in enumerate(owners):
+        load[r] += sizes[i]
+    for r in range(world):
+        if load[r] <= cap:
+            continue
+        mine = [i for i in range(len(owners)) if owners[i] == r]
+        for i in sorted(mine, key=lambda i: (local[i][r] / max(index.params[i].numel, 1), sizes[i], i)):
+            if load[r] <= cap:
+                break
+            room = [d for d in range(world) if d != r and load[d] + sizes[i] <= cap]
+            if room:
+                d = max(room, key=lambda d: (local[i][d], -load[d], -d))
+            else:
+                d = min(range(world), key=lambda d: (load[d], d))
+                if load[d] + sizes[i] >= load[r]:
+                    continue  # moving it would not even out anything
+            owners[i] = d
+            load[r] -= sizes[i]
+            load[d] += sizes[i]
+    return owners
+
+
+@dataclass
+class Wave:
+    """Parameters converted together; ``sends[(src, dst)]`` lists (param, fragment) pairs in buffer order."""
+
+    params: List[int]
+    sends: Dict[Tuple[int, int], List[Tuple[int, int]]] = field(default_factory=dict)
+
+    def count(self, index: CheckpointIndex, src: int, dst: int) -> int:
+        """fp32 elements ``src`` sends to ``dst`` (all tensor states)."""
+        return STATE_COUNT * sum(index.params[p].fragments[f].numel for p, f in self.sends.get((src, dst), ()))
+
+
+@dataclass
+class ConvertPlan:
+    world_size: int
+    readers: List[int]  # source index -> rank
+    owners: List[int]  # param index -> rank
+    fallback_writers: List[int]  # fallback index -> rank (the reader of its model file)
+    optimizer_state_writer: int
+    copy_writers: Dict[int, int]  # model source index -> rank that copies it
+    waves: List[Wave]
+    budget_bytes: int
+
+    def rank_summary(self, index: CheckpointIndex) -> List[Dict[str, int]]:
+        rows = []
+        for r in range(self.world_size):
+            srcs = [s for s in index.files.sources if self.readers[s.index] == r]
+            own = [p for i, p in enumerate(index.params) if self.owners[i] == r]
+            moved = sum(w.count(index, r, d) for w in self.waves for d in range(self.world_size) if d != r)
+            rows.append({"rank": r, "files": len(srcs), "read_bytes": sum(s.nbytes for s in srcs),
+                         "params": len(own), "param_bytes": sum(param_bytes(p.numel) for p in own),
+                         "sent_bytes": moved * BYTES_PER_ELEMENT})
+        return rows
+
+
+def make_waves(index: CheckpointIndex, readers: Sequence[int], owners: Sequence[int], world: int,
+               budget_bytes: int) -> List[Wave]:
+    """Group parameters (in checkpoint order) so each rank's wave memory stays within the budget.
+
+    A rank's wave memory is what it sends plus, for parameters it owns, the received fragments and
+    the assembled tensors (2x the parameter's bytes). A parameter larger than the budget forms a
+    wave of its own: it cannot be split further without changing the Universal file format.
+    """
+    waves: List[Wave] = []
+    cur, use = None, [0] * world
+    for i, p in enumerate(index.params):
+        need = [0] * world
+        need[owners[i]] += 2 * param_bytes(p.numel)
+        for f in p.fragments:
+            need[readers[f.source]] += param_bytes(f.numel)
+        if cur is None or any(use[r] + need[r] > budget_bytes for r in range(world)):
+            cur, use = Wave([]), [0] * world
+            waves.append(cur)
+        cur.params.append(i)
+        for r in range(world):
+            use[r] += need[r]
+        for j, f in enumerate(p.fragments):
+            cur.sends.setdefault((readers[f.source], owners[i]), []).append((i, j))
+    return waves
+
+
+def make_plan(index: CheckpointIndex, world: int, budget_bytes: int) -> ConvertPlan:
+    sizes = [s.nbytes for s in index.files.sources]
+    readers = assign_readers(sizes, world)
+    owners = assign_owners(index, readers, world)
+    return ConvertPlan(
+        world_size=world,
+        readers=readers,
+        owners=owners,
+        fallback_writers=[readers[fb.source] for fb in index.fallbacks],
+        optimizer_state_writer=readers[index.optimizer_state_source],
+        copy_writers={s: readers[s] for s in index.copy_sources},
+        waves=make_waves(index, readers, owners, world, budget_bytes),
+        budget_bytes=budget_bytes,
+    )
+
+
+def describe(index: CheckpointIndex, plan: ConvertPlan) -> str:
+    """Human-readable plan (``uckpt plan`` / ``--dry-run``)."""
+    gib = 1 << 20
+    lines = [
+        f"checkpoint: {index.files.folder}",
+        f"  ZeRO stage {index.zero_stage}, dp={index.dp_degree} tp={index.tp_degree} pp={index.pp_degree}, "
+        f"{len(index.files.sources)} files ({index.files.total_bytes / gib:.1f} MiB), "
+        f"{len(index.params)} parameters ({index.total_numel:,} elements), "
+        f"{len(index.fallbacks)} fp32-only folders, {len(index.aliases)} tied aliases",
+        f"plan: {plan.world_size} converter rank(s), {len(plan.waves)} wave(s), memory budget "
+        f"{plan.budget_bytes / gib:.0f} MiB per rank",
+        f"  {'rank':>4} {'files':>5} {'read MiB':>9} {'params':>6} {'owned MiB':>9} {'sent MiB':>8}",
+    ]
+    for row in plan.rank_summary(index):
+        lines.append(f"  {row['rank']:>4} {row['files']:>5} {row['read_bytes'] / gib:>9.1f} {row['params']:>6} "
+                     f"{row['param_bytes'] / gib:>9.1f} {row['sent_bytes'] / gib:>8.1f}")
+    return "\n".join(lines)

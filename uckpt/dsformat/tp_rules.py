@@ -1,0 +1,165 @@
+"""Tensor-parallel merge rules of ``universal_checkpoint_info`` (spec section 2.4), resolved per
+parameter once (pure, identical on every rank) and applied by the owner to the per-TP slices.
+
+Order of precedence, as in DeepSpeed 0.19.8's ``merge_tp_slices``: affine map; TP-replicated
+(slices must be equal); averaged; the legacy 2-sub-parameter layout; sub-parameters (fused QKV /
+gate_up, with per-rank shard widths from UC version 0.4 or even legacy widths); otherwise
+concatenation on dim 1 (row-parallel) or dim 0. Vocabulary parameters are then cut to
+``original_vocab_size`` rows and tagged. :mod:`uckpt.tp_merge` applies the rules to tensors
+(DeepSpeed's affine-map class does the affine rebuild); resolving them needs neither torch nor
+DeepSpeed's runtime, which are imported only for checkpoints that use sub-parameters or affine maps.
+
+DIFFERENCE: DeepSpeed applies every pattern with ``re.match``, where ``.`` matches any
+character, so the plain-name pattern ``layers.1.`` also captures ``layers.10.``. uckpt matches a
+pattern that is exactly a parameter's name to that parameter only, and a pattern written as a
+plain name (letters, digits, ``_``, ``-`` and ``.`` only) as a literal prefix. Patterns using
+regex syntax (AutoTP writes ``^...$``) behave exactly as in DeepSpeed.
+"""
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+from . import constants as C
+from ..errors import CheckpointError
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+@dataclass
+class MergeRule:
+    kind: str  # affine | replicated | average | two_sub_params | sub_params | cat
+    cat_dim: int = 0
+    affine: Optional[Dict[str, Any]] = None  # serialized ParamAffineMap
+    sub_shape: Optional[Dict[str, Any]] = None  # SubparamShape fields, normalised
+    sub_sizes: Optional[Tuple[int, ...]] = None
+    shard_widths: Optional[List[List[int]]] = None
+    vocab_rows: Optional[int] = None  # original_vocab_size when a vocabulary pattern matched
+    experts: Optional[int] = None  # AutoEP routed expert weight: the number of experts (dim 0)
+
+
+@dataclass
+class RuleBook:
+    """The checkpoint's patterns, with the bookkeeping for DeepSpeed's strict "unused pattern" check."""
+
+    uc: Dict[str, Any]
+    tp_degree: int
+    names: Set[str]
+    used: Set[str] = field(default_factory=set)
+
+    def __post_init__(self):
+        g = self.uc.get
+        self.replicated = list(g(C.TP_REPLICATED_PARAMETER_PATTERNS, []) or [])
+        self.average = list(g(C.PARAMETER_TO_AVERAGE_PATTERNS, []) or [])
+        self.row = list(g(C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, []) or [])
+        self.vocab = list(g(C.VOCABULARY_PARAMETER_PATTERNS, []) or [])
+        self.two_sub = list(g(C.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0, []) or [])
+        subs = g(C.PARAMETER_WITH_SUB_PARAMS, []) or []
+        if subs:
+            from deepspeed.checkpoint import SubparamShape
+            self.sub_params = [SubparamShape(**s) for s in subs]
+        else:
+            self.sub_params = []
+        self.widths = dict(g(C.SUB_PARAM_SHARD_WIDTHS, {}) or {})
+        affine = g(C.AFFINE_MAP, {}) or {}
+        if affine:
+            from deepspeed.checkpoint.affine import AFFINE_MAP_FORMAT_VERSION
+            version = affine.get("version", AFFINE_MAP_FORMAT_VERSION)
+        if affine and version > AFFINE_MAP_FORMAT_VERSION:
+            raise CheckpointError(f"records affine map format version {version}; this DeepSpeed reads up to "
+                                  f"{AFFINE_MAP_FORMAT_VERSION}", fix="convert with a newer DeepSpeed")
+        self.affine = dict(affine.get("params", {}) or {})
+        self.version = g(C.UNIVERSAL_CHECKPOINT_VERSION_KEY, 0.0)
+
+    def all_patterns(self) -> Set[str]:
+        pats = set(self.replicated + self.average + self.row + self.vocab + self.two_sub)
+        for s in self.sub_params:
+            pats.update(s.patterns)
+        return pats
+
+    def _matches(self, pattern: str, name: str) -> bool:
+        if pattern in self.names:  # an exact parameter name names that parameter only (see module doc)
+            return pattern == name
+        if _PLAIN.fullmatch(pattern):  # a plain name: its dots are dots
+            return name.startswith(pattern)
+        return re.match(pattern, name) is not None
+
+    def _match(self, patterns: Sequence[str], name: str, mark: bool = True) -> Optional[str]:
+        hits = [p for p in patterns if self._matches(p, name)]
+        if len(hits) > 1:
+            raise CheckpointError(f"parameter {name!r} matches more than one pattern of a category: {hits}",
+                                  fix="fix the universal_checkpoint_info patterns of the training script")
+        if hits and mark:
+            self.used.add(hits[0])
+        return hits[0] if hits else None
+
+    def _match_sub(self, name: str) -> Tuple[Optional[Any], Optional[str]]:  # (SubparamShape, pattern)
+        for shape in self.sub_params:
+            for p in shape.patterns:
+                if self._matches(p, name):
+                    self.used.add(p)
+                    return shape, p
+        return None, None
+
+    def resolve(self, name: str, tp_shapes: Sequence[Optional[Tuple[int, ...]]]) -> MergeRule:
+        affine = self._match(list(self.affine), name, mark=False)
+        vocab_rows = None
+        if affine is not None:
+            # the category patterns it supersedes count as used (DeepSpeed: consume_superseded_patterns)
+            for cat in (self.replicated, self.average, self.row, self.vocab, self.two_sub):
+                self._match(cat, name)
+            self._match_sub(name)
+            rule = MergeRule("affine", affine=self.affine[affine])
+        elif self._match(self.replicated, name):
+            rule = MergeRule("replicated")
+        elif self._match(self.average, name):
+            rule = MergeRule("average")
+        elif self._match(self.two_sub, name):
+            rule = MergeRule("two_sub_params", cat_dim=0)
+        else:
+            sub, pattern = self._match_sub(name)
+            if sub is not None:
+                rule = self._sub_rule(name, sub, pattern, tp_shapes)
+            else:
+                rule = MergeRule("cat", cat_dim=1 if self._match(self.row, name) else 0)
+        if self._match(self.vocab, name):
+            if C.ORIGINAL_VOCAB_SIZE not in self.uc:
+                raise CheckpointError(f"{name!r} is a vocabulary parameter but {C.ORIGINAL_VOCAB_SIZE} is missing",
+                                      fix="the checkpoint's universal_checkpoint_info is incomplete")
+            vocab_rows = int(self.uc[C.ORIGINAL_VOCAB_SIZE])
+        rule.vocab_rows = vocab_rows
+        return rule
+
+    def _sub_rule(self, name, sub, pattern: str, tp_shapes) -> MergeRule:
+        pd = sub.partition_dim
+        spec = sub.shape[pd]
+        T = self.tp_degree
+        if self.version >= 0.4:
+            if pattern not in self.widths:
+                raise CheckpointError(f"universal checkpoint version {self.version} records no "
+                                      f"{C.SUB_PARAM_SHARD_WIDTHS} for {name!r} (pattern {pattern})")
+            sizes, widths, shape = tuple(spec), [list(w) for w in self.widths[pattern]], sub
+        else:
+            if isinstance(spec, tuple):
+                sizes, shape = tuple(spec), sub
+            else:
+                total = sum(s[pd] for s in tp_shapes if s is not None)
+                if spec <= 0 or total % spec:
+                    raise CheckpointError(f"legacy sub-parameter count {spec} of {name!r} does not divide {total}")
+                sizes = (total // spec,) * spec
+                normalized = list(sub.shape)
+                normalized[pd] = sizes
+                shape = type(sub)(patterns=sub.patterns, shape=tuple(normalized), partition_dim=pd)
+            uneven = [s for s in sizes if s % T]
+            if uneven:
+                raise CheckpointError(f"sub-parameter sizes {uneven} of {name!r} are not divisible by tp {T} and "
+                                      f"version {self.version} records no shard widths")
+            widths = [[s // T] * T for s in sizes]
+        if len(widths) != len(sizes) or any(len(w) != T or sum(w) != s for w, s in zip(widths, sizes)):
+            raise CheckpointError(f"shard widths {widths} of {name!r} do not describe sub-parameter sizes {sizes} "
+                                  f"over {T} TP ranks")
+        return MergeRule("sub_params", sub_shape={"patterns": list(shape.patterns), "shape": shape.shape,
+                                                  "partition_dim": pd}, sub_sizes=sizes, shard_widths=widths)
+
+    def unused(self) -> Set[str]:
+        return self.all_patterns() - self.used

@@ -1,0 +1,316 @@
+"""Read ``torch.save`` files without torch: metadata from the pickle, tensor bytes by range.
+
+A ``torch.save`` file is an uncompressed zip: a small pickle plus one record per storage. This
+module unpickles the pickle with every tensor replaced by a :class:`FileTensor` (where its bytes
+are in the file, dtype, shape, strides) and classes that are not imported here replaced by
+:mod:`uckpt.torchfmt` stand-ins, then reads element ranges with ``os.preadv`` straight into the
+caller's buffer. A rank therefore reads the pickle and the bytes it keeps, nothing else, and the
+count is exact: :data:`STATS` adds up every byte requested from the file system.
+
+Torch is imported only by the helpers that return torch tensors (the loader's), and as the
+fallback for files this reader does not know (the legacy format, unknown rebuild functions),
+whose values ``torch.load`` gives; the byte count then covers whole pages.
+"""
+import io
+import os
+import pickle
+import struct
+import sys
+import threading
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+from . import format as F
+from .format import row_major_strides, shape_numel
+
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+_LOCAL_HEADER_MAGIC = b"PK\x03\x04"
+
+
+class ReadStats:
+    """Bytes and read calls this process asked the file system for through this module."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.calls = 0
+
+    def add(self, n: int):
+        with self._lock:
+            self.bytes += n
+            self.calls += 1
+
+    def snapshot(self) -> Tuple[int, int]:
+        return self.bytes, self.calls
+
+
+STATS = ReadStats()
+
+
+def pread_into(fd: int, view: memoryview, offset: int):
+    """Fill ``view`` with the file's bytes from ``offset`` (straight into the destination, no copy)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            raise EOFError(f"file ends at byte {offset + done}, {len(view) - done} bytes short")
+        done += got
+    STATS.add(len(view))
+
+
+class FileDescriptors:
+    """Open files by path, each opened once and kept until :meth:`close` (a converter reads many
+    fragments of the same few shards)."""
+
+    def __init__(self):
+        self._fds: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def close(self):
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+@dataclass
+class FileTensor:
+    """A tensor that still lives in its file: ``data_offset`` is the byte where its storage begins.
+
+    ``dtype`` is the dtype's name (``"float32"``); ``storage_nbytes`` the size of the whole storage
+    record, which the writer copies when the tensor is saved again."""
+
+    path: str
+    data_offset: int
+    dtype: str
+    storage_offset: int
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    requires_grad: bool = False
+    storage_nbytes: int = 0
+    is_parameter: bool = False
+    _loaded: Any = None  # fallback: a real (memory-mapped) torch tensor
+
+    def numel(self) -> int:
+        return shape_numel(self.shape)
+
+    def element_size(self) -> int:
+        return F.itemsize(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel() * self.element_size()
+
+    @property
+    def contiguous(self) -> bool:
+        return all(s == r for s, r, d in zip(self.stride, row_major_strides(self.shape), self.shape) if d > 1)
+
+    @property
+    def torch_dtype(self):
+        return F.torch_dtype(self.dtype)
+
+    def read_into(self, view: memoryview, start: int = 0, fds: "FileDescriptors" = None):
+        """Elements ``[start, start + n)`` of the flattened tensor into ``view`` (``n`` = its size in elements)."""
+        size = self.element_size()
+        view = view.cast("B") if view.format != "B" else view
+        n = len(view) // size
+        if start < 0 or start + n > self.numel():
+            raise ValueError(f"elements [{start}, {start + n}) are outside a tensor of {self.numel()}")
+        if self._loaded is not None or not self.contiguous:
+            import torch
+            part = self.load().reshape(-1)[start:start + n].contiguous()
+            view[:] = memoryview(part.view(torch.uint8).numpy()) if n else b""
+            return
+        offset = self.data_offset + (self.storage_offset + start) * size
+        if fds is not None:
+            pread_into(fds.get(self.path), view, offset)
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            pread_into(fd, view, offset)
+        finally:
+            os.close(fd)
+
+    def to_data(self) -> F.TensorData:
+        """The tensor's values in memory (contiguous, its own storage)."""
+        buf = bytearray(self.nbytes)
+        self.read_into(memoryview(buf))
+        return F.TensorData(self.dtype, tuple(self.shape), buf, requires_grad=self.requires_grad)
+
+    def read_strided(self, offset: int, shape: Sequence[int], strides: Sequence[int]):
+        """Elements ``as_strided(flat, shape, strides, offset)`` of this tensor viewed as a flat
+        row-major buffer, read with one ``pread`` per contiguous run (a torch tensor)."""
+        import torch
+        shape, strides = tuple(int(d) for d in shape), tuple(int(s) for s in strides)
+        if self._loaded is not None or not self.contiguous:
+            flat = self.load().reshape(-1)
+            return torch.as_strided(flat, shape, strides, offset).clone()
+        numel = shape_numel(shape)
+        out = torch.empty(numel, dtype=self.torch_dtype)
+        if numel == 0:
+            return out.view(shape)
+        # the trailing dimensions that are densely packed form one run per leading index
+        run, k = 1, len(shape)
+        while k > 0 and (shape[k - 1] == 1 or strides[k - 1] == run):
+            run *= shape[k - 1]
+            k -= 1
+        lead_shape = shape[:k]
+        starts: List[int] = []
+        idx = [0] * k
+        while True:
+            starts.append(offset + sum(i * s for i, s in zip(idx, strides[:k])))
+            a = k - 1
+            while a >= 0:
+                idx[a] += 1
+                if idx[a] < lead_shape[a]:
+                    break
+                idx[a] = 0
+                a -= 1
+            if a < 0:
+                break
+        size = self.element_size()
+        base = self.data_offset + self.storage_offset * size
+        buf = memoryview(out.view(torch.uint8).numpy())
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            pos, i = 0, 0
+            while i < len(starts):  # coalesce runs that follow each other in the file
+                j = i + 1
+                while j < len(starts) and starts[j] == starts[j - 1] + run:
+                    j += 1
+                nbytes = (j - i) * run * size
+                pread_into(fd, buf[pos:pos + nbytes], base + starts[i] * size)
+                pos += nbytes
+                i = j
+        finally:
+            os.close(fd)
+        return out.view(shape)
+
+    def load(self):
+        """The whole tensor as a torch tensor (reads all of its bytes)."""
+        import torch
+        if self._loaded is not None:
+            return self._loaded
+        extent = 1 + sum((d - 1) * s for d, s in zip(self.shape, self.stride)) if self.numel() else 0
+        flat = FileTensor(self.path, self.data_offset, self.dtype, self.storage_offset, (extent,), (1,))
+        return torch.as_strided(flat.read_strided(0, (extent,), (1,)), self.shape, self.stride, 0)
+
+
+class _StorageType:
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _records(zf: zipfile.ZipFile, raw) -> Dict[str, Tuple[int, int]]:
+    """Each stored record's (data offset, size)."""
+    out = {}
+    for info in zf.infolist():
+        raw.seek(info.header_offset)
+        fields = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
+        if fields[0] != _LOCAL_HEADER_MAGIC or info.compress_type != zipfile.ZIP_STORED:
+            raise _Unsupported(info.filename)
+        out[info.filename] = (info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10], info.file_size)
+    return out
+
+
+def open_lazy(path: str, stand_ins: bool = False) -> Any:
+    """The object saved in ``path`` with each tensor as a :class:`FileTensor` (no tensor bytes read).
+
+    ``stand_ins``: classes outside the standard library become :mod:`uckpt.torchfmt` stand-ins
+    instead of being imported (the converter: no torch, no DeepSpeed runtime; they are written
+    back unchanged). Otherwise they are imported, as ``torch.load`` would."""
+    try:
+        return _open_zip(path, stand_ins)
+    except (_Unsupported, pickle.UnpicklingError):  # a file this reader does not know: torch reads it
+        import torch
+        mmap = zipfile.is_zipfile(path)  # the legacy format cannot be memory-mapped
+        return _wrap_loaded(path, torch.load(path, map_location="cpu", mmap=mmap, weights_only=False))
+
+
+def _real_module(module: str) -> bool:
+    """Globals of the standard library are imported as they are; all others get stand-ins."""
+    return module.split(".")[0] in sys.stdlib_module_names
+
+
+def _open_zip(path: str, stand_ins: bool) -> Any:
+    with open(path, "rb") as raw:
+        try:
+            zf = zipfile.ZipFile(raw)
+        except zipfile.BadZipFile:
+            if _legacy(raw):
+                raise _Unsupported("legacy format") from None
+            raise
+        names = zf.namelist()
+        pkl = next((n for n in names if n.endswith("/" + F.DATA_PKL) or n == F.DATA_PKL), None)
+        if pkl is None:
+            raise _Unsupported("no data.pkl")
+        prefix = pkl[:-len(F.DATA_PKL)]
+        records = _records(zf, raw)
+        data = zf.read(pkl)
+        STATS.add(len(data))
+
+    def rebuild(storage, storage_offset, size, stride, requires_grad=False, *_):
+        if not isinstance(storage, tuple) or len(storage) != 2:
+            raise _Unsupported("storage")
+        dtype, key = storage
+        offset, nbytes = records[f"{prefix}{F.DATA_PREFIX}{key}"]
+        return FileTensor(path, offset, dtype, int(storage_offset), tuple(size), tuple(stride), bool(requires_grad),
+                          nbytes)
+
+    def rebuild_parameter(data, requires_grad, *_):
+        if isinstance(data, FileTensor):
+            data.is_parameter, data.requires_grad = True, bool(requires_grad)
+        return data
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module == "torch._utils" and name == "_rebuild_tensor_v2":
+                return rebuild
+            if module == "torch._utils" and name == "_rebuild_parameter":
+                return rebuild_parameter
+            if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+                return lambda func, _type, args, _state: func(*args)  # a tensor subclass: its plain data
+            if module == "torch._utils" and name.startswith("_rebuild"):
+                raise _Unsupported(name)
+            if module == "torch" and name in F.STORAGE_DTYPES:
+                return _StorageType(F.STORAGE_DTYPES[name])
+            if stand_ins and module == "torch" and name == "Size":
+                return F.TorchSize
+            if not stand_ins or _real_module(module):
+                return super().find_class(module, name)
+            return F.stub_class(module, name)
+
+        def persistent_load(self, pid):
+            if pid[0] != "storage" or not isinstance(pid[1], _StorageType):
+                raise _Unsupported(str(pid[:2]))
+            return (pid[1].dtype, str(pid[2]))
+
+    return Unpickler(io.BytesIO(data)).load()
+
+
+def _legacy(raw) -> bool:
+    raw.seek(0)
+    return raw.read(2) == b"\x80\x02"  # the pre-zip torch.save format starts with a pickle
+
+
+def _wrap_loaded(path: str, obj: Any) -> Any:
+    import torch
+    if torch.is_tensor(obj):
+        return FileTensor(path, 0, F.dtype_name(obj.dtype), 0, tuple(obj.shape), tuple(obj.stride()),
+                          obj.requires_grad, _loaded=obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _wrap_loaded(path, v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_wrap_loaded(path, v) for v in obj)
+    return obj
