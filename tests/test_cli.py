@@ -6,7 +6,7 @@ import os
 import pytest
 
 from uckpt.tools import cli
-from uckpt.tools import config
+from uckpt import options as config
 from uckpt.tools.compare import compare_universal
 from uckpt.errors import UckptError
 

@@ -2,7 +2,7 @@
 from typing import Any, Dict
 
 from .conversion import comm as commmod
-from .tools import config as cfgmod
+from . import options as optmod
 from .conversion.run import run
 
 
@@ -23,4 +23,4 @@ def convert(input_folder: str, output_folder: str, **options: Any) -> Dict[str, 
     process group, the ranks convert together; otherwise it converts in this process alone.
     """
     values = dict(options, input_folder=input_folder, output_folder=output_folder)
-    return run_with_config(cfgmod.build(values=values))
+    return run_with_config(optmod.build(values=values))

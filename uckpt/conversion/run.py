@@ -280,7 +280,7 @@ def _run(cfg, comm: Comm, fds: FileDescriptors, stream=None) -> Dict[str, Any]:
 def _write_report(out: OutputFolder, report: Dict[str, Any], cfg):
     import json
 
-    from ..tools.config import to_plain
+    from ..options import to_plain
 
     report["config"] = to_plain(cfg)
     text = json.dumps(report, indent=2, default=str)

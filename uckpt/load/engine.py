@@ -248,15 +248,15 @@ def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: O
                      **options: Any) -> Dict[str, Any]:
     """Restore ``engine`` (ZeRO stage 1, 2 or 3; any DP / TP / EP size) from a Universal checkpoint.
 
-    Every rank calls it. ``config`` is an omegaconf YAML of :class:`uckpt.config.LoadConfig` keys
+    Every rank calls it. ``config`` is an omegaconf YAML of :class:`uckpt.options.LoadConfig` keys
     (``tag``, ``module_extras``, ``lr_scheduler_states``); ``options`` override it. Returns the client
     state of the model-state file (keys DeepSpeed does not consume) plus ``"uckpt"``: the folder
     loaded, bytes read by this rank, and what was restored.
     """
-    from ..tools import config as cfgmod
+    from .. import options as optmod
 
     values = dict(options, **({"tag": tag} if tag is not None else {}))
-    cfg = cfgmod.build(config, values=values, schema=cfgmod.LoadConfig)
+    cfg = optmod.build(config, values=values, schema=optmod.LoadConfig)
     load_lr_scheduler_states, load_module_extras = cfg.lr_scheduler_states, cfg.module_extras
     folder = resolve_folder(load_dir, cfg.tag)
     files = StateFiles(folder)

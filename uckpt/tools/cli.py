@@ -9,26 +9,8 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
+from .. import options
 from ..errors import UckptError
-
-# flag -> config key; the flags of ds_to_universal.py keep their spelling
-FLAG_KEYS = {
-    "input_folder": "input_folder",
-    "output_folder": "output_folder",
-    "inject_missing_state": "inject_missing_state",
-    "strict": "strict",
-    "overwrite": "overwrite",
-    "dry_run": "dry_run",
-    "keep_temp_folder": "keep_temp_folder",
-    "num_extract_workers": "num_extract_workers",
-    "num_merge_workers": "num_merge_workers",
-    "io_threads": "io.threads",
-    "memory_budget_mb": "memory.budget_mb",
-    "backend": "dist.backend",
-    "timeout_s": "dist.timeout_s",
-    "quiet": "log.quiet",
-    "json": "log.json",
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,22 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in (("convert", "convert a ZeRO checkpoint folder into a Universal checkpoint"),
                         ("plan", "print the conversion plan (who reads, owns and sends what) and exit")):
         p = sub.add_parser(name, help=help_, argument_default=argparse.SUPPRESS)
-        p.add_argument("--input_folder", help="DeepSpeed checkpoint tag folder (e.g. ckpts/global_step1000)")
-        p.add_argument("--output_folder", help="Universal checkpoint folder to create (a sibling of the input)")
-        p.add_argument("--inject_missing_state", action="store_true",
-                       help="add universal_checkpoint_info when the checkpoint lacks it (as ds_to_universal.py)")
-        p.add_argument("--no_strict", dest="strict", action="store_false", help="warn instead of failing on unused patterns")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-        p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the plan, write nothing")
-        p.add_argument("--keep_temp_folder", action="store_true", help="accepted for compatibility; uckpt uses no temp folder")
-        p.add_argument("--num_extract_workers", type=int, help="accepted for compatibility; parallelism comes from ranks")
-        p.add_argument("--num_merge_workers", type=int, help="accepted for compatibility; parallelism comes from ranks")
-        p.add_argument("--io_threads", type=int, help="writer threads per rank (io.threads, default 4)")
-        p.add_argument("--memory_budget_mb", type=int, help="per-rank wave memory (memory.budget_mb, default 4096)")
-        p.add_argument("--backend", choices=["auto", "gloo", "nccl"], help="fragment transport (dist.backend)")
-        p.add_argument("--timeout_s", type=float, help="collective timeout in seconds (dist.timeout_s, default 600)")
-        p.add_argument("--quiet", action="store_true", help="no progress output (log.quiet)")
-        p.add_argument("--json", metavar="FILE", help="write the JSON report to FILE too (log.json)")
+        for key, flag, kw in options.flags():
+            p.add_argument(f"--{flag}", *kw.pop("aliases", []), dest=key, **kw)
         p.add_argument("--config", metavar="YAML", help="omegaconf YAML with the same keys")
         p.add_argument("--print-config", dest="print_config", action="store_true", help="print the resolved config")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. io.threads=8 memory.budget_mb=2048")
@@ -65,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("universal", nargs="?")
     p.add_argument("--against", metavar="NATIVE", help="the DeepSpeed checkpoint tag folder it was converted from")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--config", metavar="YAML", help="omegaconf YAML with the same keys (uckpt.config.VerifyConfig)")
+    p.add_argument("--config", metavar="YAML", help="omegaconf YAML with the same keys (uckpt.options.VerifyConfig)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. against=ckpts/global_step10")
     return ap
 
@@ -77,20 +45,18 @@ def _inspect_or_verify(command: str, args) -> int:
         info = inspect_path(args["path"])
         print(json.dumps(info, indent=2, default=str) if args["json"] else format_table(info))
         return 0
-    from . import config as cfgmod
     from .verify import format_report, verify
 
     overrides = list(args.pop("overrides", []))
     if "=" in args.get("universal", ""):  # argparse hands the first override to the optional positional
         overrides.insert(0, args.pop("universal"))
-    cfg = cfgmod.build(args.pop("config", None), overrides, values=args, schema=cfgmod.VerifyConfig)
+    cfg = options.build(args.pop("config", None), overrides, values=args, schema=options.VerifyConfig)
     report = verify(cfg.universal, cfg.against)
     print(json.dumps(report, indent=2, default=str) if cfg.json else format_report(report))
     return 0 if report["ok"] else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from . import config as cfgmod
     from ..api import run_with_config
 
     args = vars(_parser().parse_args(argv))
@@ -104,19 +70,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     yaml_path = args.pop("config", None)
     print_config = args.pop("print_config", False)
     overrides = args.pop("overrides", [])
-    values = {}
-    for flag, value in args.items():
-        node = values
-        *parents, leaf = FLAG_KEYS[flag].split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    values = options.nest(args)  # argparse's dest is each option's dotted key
     if command == "plan":
         values["dry_run"] = True
     try:
-        cfg = cfgmod.build(yaml_path, overrides, values)
+        cfg = options.build(yaml_path, overrides, values)
         if print_config:
-            print(cfgmod.to_yaml(cfg), end="")
+            print(options.to_yaml(cfg), end="")
         report = run_with_config(cfg)
     except UckptError as exc:
         print(f"uckpt: error: {exc}", file=sys.stderr, flush=True)
