@@ -2,16 +2,16 @@
 import pytest
 
 from uckpt.dsformat.index import CheckpointIndex
-from uckpt.dsformat.files import CheckpointFiles
+from uckpt.dsformat.files import CheckpointFiles, Family
 from uckpt.conversion.plan import STATE_COUNT, assign_owners, assign_readers, make_plan, param_bytes
-from uckpt.regions import Fragment, ParamSpec, Source
+from uckpt.regions import Fragment, ParamSpec, Source, SourceKind
 
 
 def make_index(n_dp=4, params=((1000,), (30, 40), (7,), (5000,)), sizes=None):
     """A dense ZeRO-2 index: every parameter split evenly-ish over n_dp optimizer sources."""
-    sources = [Source(0, "mp_rank_00_model_states.pt", "model", nbytes=10)]
+    sources = [Source(0, "mp_rank_00_model_states.pt", SourceKind.MODEL, nbytes=10)]
     for d in range(n_dp):
-        sources.append(Source(1 + d, f"zero_pp_rank_{d}_optim.pt", "optim", dp=d, nbytes=(sizes or [100] * n_dp)[d]))
+        sources.append(Source(1 + d, f"zero_pp_rank_{d}_optim.pt", SourceKind.OPTIM, dp=d, nbytes=(sizes or [100] * n_dp)[d]))
     specs = []
     for i, shape in enumerate(params):
         numel = 1
@@ -24,8 +24,10 @@ def make_index(n_dp=4, params=((1000,), (30, 40), (7,), (5000,)), sizes=None):
                 frags.append(Fragment(1 + d, 0, 0, n, 0, d, off))
                 off += n
         specs.append(ParamSpec(f"p{i}", tuple(shape), [tuple(shape)], frags))
-    files = CheckpointFiles("/ckpt", "zero12", sources, "")
-    return CheckpointIndex(files, "zero12", 2, 1, 1, n_dp, specs, [], {}, {}, False, 1, [0])
+    files = CheckpointFiles("/ckpt", Family.ZERO12, sources, "")
+    return CheckpointIndex(files=files, family=Family.ZERO12, zero_stage=2, tp_degree=1, pp_degree=1, dp_degree=n_dp,
+                           params=specs, fallbacks=[], aliases={}, uc_info={}, injected_uc_info=False,
+                           optimizer_state_source=1, copy_sources=[0])
 
 
 def test_readers_balance_bytes():
@@ -68,8 +70,8 @@ def _zero2_index(n_dp, sizes):
     partitions, so most parameters lie inside one optimizer file."""
     total = sum(sizes)
     part = -(-total // n_dp)
-    sources = [Source(0, "mp_rank_00_model_states.pt", "model", nbytes=10)]
-    sources += [Source(1 + d, f"zero_pp_rank_{d}_optim.pt", "optim", dp=d, nbytes=12 * part) for d in range(n_dp)]
+    sources = [Source(0, "mp_rank_00_model_states.pt", SourceKind.MODEL, nbytes=10)]
+    sources += [Source(1 + d, f"zero_pp_rank_{d}_optim.pt", SourceKind.OPTIM, dp=d, nbytes=12 * part) for d in range(n_dp)]
     specs, start = [], 0
     for i, numel in enumerate(sizes):
         frags, off = [], 0
@@ -80,8 +82,10 @@ def _zero2_index(n_dp, sizes):
             off += n
         specs.append(ParamSpec(f"p{i}", (numel,), [(numel,)], frags))
         start += numel
-    files = CheckpointFiles("/ckpt", "zero12", sources, "")
-    return CheckpointIndex(files, "zero12", 2, 1, 1, n_dp, specs, [], {}, {}, False, 1, [0])
+    files = CheckpointFiles("/ckpt", Family.ZERO12, sources, "")
+    return CheckpointIndex(files=files, family=Family.ZERO12, zero_stage=2, tp_degree=1, pp_degree=1, dp_degree=n_dp,
+                           params=specs, fallbacks=[], aliases={}, uc_info={}, injected_uc_info=False,
+                           optimizer_state_source=1, copy_sources=[0])
 
 
 @pytest.mark.parametrize("world", [2, 4])

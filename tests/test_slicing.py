@@ -13,7 +13,8 @@ from deepspeed.checkpoint.universal_checkpoint import SubparamShape, load_hp_che
 from uckpt.dsformat import constants as C
 from uckpt.torchsave import reader as ranged
 from uckpt.errors import CheckpointError
-from uckpt.load.slicing import Target, read_flat, shard_map, zero3_span
+from uckpt.dsformat.zero3 import zero3_span
+from uckpt.load.slicing import Target, read_flat, shard_map
 
 Address = namedtuple("Address", "start numel")
 

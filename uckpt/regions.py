@@ -7,11 +7,28 @@ partition of a source. A *parameter* is the list of its fragments in the order t
 Everything here is plain data: picklable, comparable, free of tensors and of I/O.
 """
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, List, Tuple
 
 from .torchsave.format import shape_numel
 
 Shape = Tuple[int, ...]
+
+
+class Kind(str, Enum):
+    """An enum of names that prints, formats and serialises (JSON reports) as its plain value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class SourceKind(Kind):
+    """What a source holds: module weights and metadata, or an optimizer partition."""
+
+    MODEL = "model"
+    OPTIM = "optim"
 
 
 @dataclass(frozen=True)
@@ -20,7 +37,7 @@ class Source:
 
     index: int
     path: str
-    kind: str  # "model" or "optim"
+    kind: SourceKind
     pp: int = 0
     tp: int = 0
     dp: int = 0
@@ -44,7 +61,7 @@ class Fragment:
     offset: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParamSpec:
     """One Universal parameter: its fragments and how the owner writes it."""
 

@@ -13,10 +13,11 @@ from typing import Any, Dict, List
 
 from ..dsformat import constants as C
 from ..torchsave import direct as directio
+from ..dsformat.tp_rules import MergeKind
 from ..regions import ParamSpec
 from ..torchsave.format import TensorData, as_fp32_tensor, shape_numel
 
-_KEEP_DATA = ("cat", "replicated", "two_sub_params")  # rules that leave one TP slice unchanged
+_KEEP_DATA = (MergeKind.CAT, MergeKind.REPLICATED, MergeKind.TWO_SUB_PARAMS)  # rules that leave one TP slice unchanged
 
 
 def _keeps_data(spec: ParamSpec) -> bool:
@@ -49,9 +50,9 @@ def _one_slice_payload(spec: ParamSpec, flat: bytearray) -> Dict[str, Any]:
     """What ``merge_slices`` returns for a single slice under a rule that keeps its data."""
     rule = spec.rule
     out: Dict[str, Any] = {}
-    if rule.kind == "two_sub_params":
+    if rule.kind is MergeKind.TWO_SUB_PARAMS:
         out[C.CAT_DIM], out[C.PARAM_N_SUB_PARAMS] = 0, 2
-    elif rule.kind == "cat":
+    elif rule.kind is MergeKind.CAT:
         out[C.CAT_DIM] = rule.cat_dim
     if rule.experts is not None:  # DeepSpeed's AutoEP payload, in its key order (spec 3.2)
         out = {C.PARAM: None, C.CAT_DIM: 0, C.EP_IS_EXPERT_PARAM: True, C.EP_NUM_EXPERTS: rule.experts}

@@ -18,7 +18,7 @@ from ..dsformat import constants as C
 from ..torchsave import direct as directio
 from .comm import Comm
 from ..dsformat.index import CheckpointIndex, build_index
-from ..dsformat.files import discover
+from ..dsformat.files import Family, discover
 from .payloads import alias_payload, fallback_payload, state_payload
 from .plan import ConvertPlan, Wave, assign_readers, describe, make_plan, param_bytes
 from .progress import Progress
@@ -134,7 +134,7 @@ def _with_autoep_info(model_state, pattern, layers):
 def _optimizer_state(index: CheckpointIndex, sd: Dict[str, Any]) -> Dict[str, Any]:
     """zero/optimizer_state.pt exactly as DeepSpeed's ``_save_optimizer_state(_stage3)`` writes it."""
     osd = sd[C.OPTIMIZER_STATE_DICT]
-    if index.family == "zero3":
+    if index.family is Family.ZERO3:
         out = dict(osd)
         out[C.PARAM_GROUPS] = osd[C.OPTIMIZER_STATE_DICT][C.PARAM_GROUPS]
         return out

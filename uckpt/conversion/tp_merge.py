@@ -12,7 +12,7 @@ from deepspeed.checkpoint.affine import SCALE_POWER_BY_STATE, ParamAffineMap
 
 from ..dsformat import constants as C
 from ..errors import CheckpointError
-from ..dsformat.tp_rules import MergeRule
+from ..dsformat.tp_rules import MergeKind, MergeRule
 
 
 def _resolve_shape(shape: List[int], numel: int, name: str) -> List[int]:
@@ -43,7 +43,7 @@ def _check_replicas(name: str, state: str, slices: List[torch.Tensor]):
 def merge_slices(name: str, rule: MergeRule, slices: List[torch.Tensor], state: str) -> Dict[str, Any]:
     """The payload DeepSpeed writes for ``state`` of ``name`` from its per-TP slices (shaped per rank)."""
     out: Dict[str, Any] = {}
-    if rule.kind == "affine":
+    if rule.kind is MergeKind.AFFINE:
         try:
             param = ParamAffineMap.from_dict(rule.affine).rebuild(dict(enumerate(slices)), SCALE_POWER_BY_STATE[state])
         except ValueError as exc:  # DeepSpeed's map found replicas that disagree; say which and by how much
@@ -51,16 +51,16 @@ def merge_slices(name: str, rule: MergeRule, slices: List[torch.Tensor], state: 
                 _check_replicas(name, state, slices)
             raise CheckpointError(f"{state} of {name!r}: {exc}", fix="the TP slices do not fit the affine map") \
                 from None
-    elif rule.kind == "replicated":
+    elif rule.kind is MergeKind.REPLICATED:
         _check_replicas(name, state, slices)
         param = slices[0]
-    elif rule.kind == "average":
+    elif rule.kind is MergeKind.AVERAGE:
         param = sum(slices) / len(slices)
-    elif rule.kind == "two_sub_params":
+    elif rule.kind is MergeKind.TWO_SUB_PARAMS:
         halves = [torch.chunk(s, 2, dim=0) for s in slices]
         param = torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
         out[C.CAT_DIM], out[C.PARAM_N_SUB_PARAMS] = 0, 2
-    elif rule.kind == "sub_params":
+    elif rule.kind is MergeKind.SUB_PARAMS:
         pd = rule.sub_shape["partition_dim"]
         logical = [sum(d) if isinstance(d, tuple) else d for d in rule.sub_shape["shape"]]
         logical[pd] = sum(rule.sub_sizes)

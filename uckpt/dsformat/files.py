@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple
 
 from . import constants as C
 from ..errors import CheckpointError
-from ..regions import Source
+from ..regions import Kind, Source, SourceKind
 
 ZERO12_MODEL_RE = re.compile(rf"^{C.MODEL_FILE_PREFIX}(\d+){C.MODEL_FILE_SUFFIX}$")
 ZERO3_MODEL_RE = re.compile(rf"^{C.ZERO_FILE_PREFIX}(\d+)_{C.MODEL_FILE_PREFIX}(\d+){C.MODEL_FILE_SUFFIX}$")
@@ -20,29 +20,38 @@ PIPE_LAYER_RE = re.compile(r"^layer_(\d+)(-model_(\d+))?-model_states\.pt$")
 EXPERT_OPTIM_RE = re.compile(rf"^expp_rank_(\d+)_{C.MODEL_FILE_PREFIX}(\d+){C.OPTIM_FILE_SUFFIX}$")
 
 
+class Family(Kind):
+    """How a checkpoint lays out its optimizer partitions: ZeRO-1/2 (flat groups with recorded
+    ``param_slice_mappings``, one model file per model-parallel rank) or ZeRO-3 (per-parameter
+    partitions in ``fp32_flat_groups``, one model file per DP and model-parallel rank)."""
+
+    ZERO12 = "zero12"
+    ZERO3 = "zero3"
+
+
 @dataclass
 class CheckpointFiles:
     """The shard files of one checkpoint tag folder, classified by name.
 
-    ``family`` is "zero3" when the model files are per-DP-rank (``zero_pp_rank_D_mp_rank_TT``),
-    else "zero12". ``sources`` holds model files first (by mp rank, then dp), then optimizer files
+    ``family`` is ZERO3 when the model files are per-DP-rank (``zero_pp_rank_D_mp_rank_TT``),
+    else ZERO12. ``sources`` holds model files first (by mp rank, then dp), then optimizer files
     ordered by (dp, mp) as DeepSpeed's ``sort_zero_files`` does. A source's ``tp`` field holds the
     file's model-parallel rank ``TT`` here; the index splits it into (pp, tp) once the degrees are
     known. Pipeline layer files are listed but never read: the weights come from the optimizer.
     """
 
     folder: str
-    family: str
+    family: Family
     sources: List[Source]
     optim_prefix: str
     expert_files: List[str] = field(default_factory=list)
     layer_files: List[str] = field(default_factory=list)
 
     def model_sources(self) -> List[Source]:
-        return [s for s in self.sources if s.kind == "model"]
+        return [s for s in self.sources if s.kind is SourceKind.MODEL]
 
     def optim_sources(self) -> List[Source]:
-        return [s for s in self.sources if s.kind == "optim"]
+        return [s for s in self.sources if s.kind is SourceKind.OPTIM]
 
     @property
     def total_bytes(self) -> int:
@@ -110,26 +119,26 @@ def discover(folder: str) -> CheckpointFiles:
     n_dp, n_mp = _grid(optims, "optimizer", folder)
     sources: List[Source] = []
     if zero3_models:
-        family = "zero3"
+        family = Family.ZERO3
         m_dp, m_mp = _grid(zero3_models, "model-state", folder)
         if (m_dp, m_mp) != (n_dp, n_mp):
             raise CheckpointError(f"has ZeRO-3 model files for a {m_dp}x{m_mp} (dp x mp) grid but optimizer files for "
                                   f"{n_dp}x{n_mp}", folder, "copy the complete tag folder from the training job")
         for (dp, mp) in sorted(zero3_models, key=lambda k: (k[1], k[0])):
             path = zero3_models[(dp, mp)]
-            sources.append(Source(len(sources), path, "model", tp=mp, dp=dp, nbytes=os.path.getsize(path)))
+            sources.append(Source(len(sources), path, SourceKind.MODEL, tp=mp, dp=dp, nbytes=os.path.getsize(path)))
     else:
-        family = "zero12"
+        family = Family.ZERO12
         mps = sorted(zero12_models)
         if mps != list(range(len(mps))) or len(mps) != n_mp:
             raise CheckpointError(f"has model files for mp ranks {mps} but optimizer files for {n_mp} mp ranks",
                                   folder, "copy the complete tag folder from the training job")
         for mp in mps:
             path = zero12_models[mp]
-            sources.append(Source(len(sources), path, "model", tp=mp, nbytes=os.path.getsize(path)))
+            sources.append(Source(len(sources), path, SourceKind.MODEL, tp=mp, nbytes=os.path.getsize(path)))
     for (dp, mp) in sorted(optims):
         path = optims[(dp, mp)]
-        sources.append(Source(len(sources), path, "optim", tp=mp, dp=dp, nbytes=os.path.getsize(path)))
+        sources.append(Source(len(sources), path, SourceKind.OPTIM, tp=mp, dp=dp, nbytes=os.path.getsize(path)))
     for s in sources:
         if s.nbytes == 0:
             raise CheckpointError("is empty (0 bytes)", s.path, "the save was interrupted; use an earlier checkpoint tag")

@@ -4,7 +4,6 @@ Pure function of (file table, metadata): each rank computes the same index, so e
 raises the same error for bad input. Rules follow DeepSpeed 0.19.8's ``ds_to_universal.py``
 (spec sections 1.5, 2.2, 2.3); deliberate differences are marked ``DIFFERENCE``.
 """
-import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
@@ -12,17 +11,20 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import autoep
 from . import constants as C
 from ..errors import CheckpointError, UnsupportedCheckpointError
-from .files import CheckpointFiles
+from .files import CheckpointFiles, Family
 from .shards import ModelMeta, OptimMeta
 from ..regions import FallbackSpec, Fragment, ParamSpec
 from ..torchsave.format import TensorData, is_torch_tensor, shape_numel
-from .tp_rules import MergeRule, RuleBook
+from .tp_rules import MergeKind, MergeRule, RuleBook
+from .zero3 import zero3_span
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class CheckpointIndex:
+    """Every parameter of a checkpoint with the fragments that rebuild it, and what else the output holds."""
+
     files: CheckpointFiles
-    family: str
+    family: Family
     zero_stage: int
     tp_degree: int
     pp_degree: int
@@ -96,16 +98,16 @@ def _uc_info(model0: ModelMeta, path: str, inject: bool):
 def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_state: bool = False,
                 strict: bool = True) -> CheckpointIndex:
     stage = _stage_of(files, metas)
-    if stage == 3 or files.family == "zero3":
+    if stage == 3 or files.family is Family.ZERO3:
         layers = autoep.all_layers(files, metas)
         if layers and not autoep.is_zero3_partitioned(layers):
             raise UnsupportedCheckpointError(
                 "is a ZeRO-3 AutoEP checkpoint in the legacy (non partition-native) format: AutoEP currently requires "
                 "ZeRO Stage 1 or 2 for Universal conversion", files.model_sources()[0].path,
                 "save with ZeRO stage 1 or 2, or with DeepSpeed's partition-native ZeRO-3 AutoEP format")
-    ep_info = None if files.family == "zero3" else autoep.collect(
+    ep_info = None if files.family is Family.ZERO3 else autoep.collect(
         [(s.path, metas[s.index]) for s in files.model_sources()], files.expert_files, files.folder)
-    if files.family == "zero3":
+    if files.family is Family.ZERO3:
         return _build_zero3(files, metas, stage, strict)
     if ep_info is not None:
         autoep.check_expert_files(ep_info, files.expert_files, files.folder)
@@ -167,8 +169,15 @@ def _expert_slice(name, local_shape, ep_info, dp, optim_by_dp, lookup, metas, fi
     return full, (frags, step, has_step)
 
 
-def _finish_tp_params(order, shapes, frags, steps, tp, uc, strict, files, notes, flat_output=False):
-    """ParamSpecs with their merge rules; DeepSpeed's strict check for patterns no parameter used."""
+def _finish_tp_params(order, shapes, frags, steps, tp, uc, strict, files, notes, flat_output=False, experts=None,
+                      metas=None):
+    """ParamSpecs with their merge rules; DeepSpeed's strict check for patterns no parameter used.
+
+    ``experts``: AutoEP expert weights -> their number of experts (DeepSpeed's expert payload, never
+    a bare tensor). With ``metas`` (ZeRO-1/2), an expert whose shards lack a moment is converted
+    without it, best effort (the guide's rule; DeepSpeed 0.19.8 raises), and a note says so."""
+    experts = experts or {}
+    expert_notes: List[str] = []
     book = RuleBook(uc, tp, names=set(order))
     params = []
     for name in order:
@@ -182,17 +191,27 @@ def _finish_tp_params(order, shapes, frags, steps, tp, uc, strict, files, notes,
             if not frags[name].get(t) and shape_numel(per_tp[t]):
                 raise CheckpointError(f"no optimizer fragments for TP rank {t} of {name!r} (shape {per_tp[t]})",
                                       files.folder, "copy the complete tag folder from the training job")
+        fragments = [f for t in range(tp) for f in frags[name].get(t, [])]
         rule = None if flat_output else book.resolve(name, per_tp)
+        skip: Tuple[str, ...] = ()
+        if name in experts:
+            rule = replace(rule or MergeRule(MergeKind.CAT, 0), experts=experts[name])
+            if metas is not None:
+                skip = tuple(sorted({st for f in fragments for st in metas[f.source].groups[f.group].missing}))
+            if skip:
+                expert_notes.append(f"warning: {name}: the optimizer shards hold no {', '.join(skip)}; wrote fp32.pt without "
+                             "them")
         step, has_step = steps.get(name, (None, False))
-        params.append(ParamSpec(name, tuple(per_tp[0]), [tuple(s) for s in per_tp],
-                                [f for t in range(tp) for f in frags[name].get(t, [])], step,
-                                flat_output=flat_output, has_step=has_step, rule=rule))
+        params.append(ParamSpec(name, tuple(per_tp[0]), [tuple(s) for s in per_tp], fragments, step,
+                                flat_output=flat_output and name not in experts, has_step=has_step, rule=rule,
+                                skip_states=skip))
     unused = book.unused()
     if unused and not flat_output:
         if strict:
             raise CheckpointError(f"patterns of universal_checkpoint_info match no parameter: {sorted(unused)}",
                                   files.model_sources()[0].path, "pass --no_strict to convert anyway (as DeepSpeed)")
         notes.append(f"warning: unused patterns {sorted(unused)}")
+    notes.extend(expert_notes)
     return params
 
 
@@ -260,17 +279,8 @@ def _build_zero12(files, metas, stage, inject, strict, ep_info=None) -> Checkpoi
                     if t == 0 and has_step:
                         steps[name] = (step, True)  # DeepSpeed writes TP rank 0's step
     notes: List[str] = []
-    params = _finish_tp_params(order, shapes, frags, steps, tp, uc, strict, files, notes)
-    if ep_info is not None:
-        for p in params:
-            if p.name in ep_info.params:
-                p.rule.experts = ep_info.params[p.name][C.AUTOEP_NUM_EXPERTS]
-                # best effort (the guide's rule; DeepSpeed 0.19.8 raises): moments the expert shards lack
-                p.skip_states = tuple(sorted({st for f in p.fragments
-                                              for st in metas[f.source].groups[f.group].missing}))
-                if p.skip_states:
-                    notes.append(f"warning: {p.name}: the optimizer shards hold no {', '.join(p.skip_states)}; "
-                                 "wrote fp32.pt without them")
+    experts = {name: entry[C.AUTOEP_NUM_EXPERTS] for name, entry in ep_info.params.items()} if ep_info else {}
+    params = _finish_tp_params(order, shapes, frags, steps, tp, uc, strict, files, notes, experts=experts, metas=metas)
     written = {p.name for p in params}
     by_name = {p.name: p for p in params}
     fallbacks, aliases = [], {}
@@ -289,9 +299,10 @@ def _build_zero12(files, metas, stage, inject, strict, ep_info=None) -> Checkpoi
             else:
                 fallbacks.append(FallbackSpec(key, s.index))
             written.add(key)
-    return CheckpointIndex(files, "zero12", stage, tp, pp, dp, params, fallbacks, aliases, uc, injected,
-                           optim_at[(0, 0)].index, [s.index for s in models],
-                           autoep_uc=(C.AUTOEP_UNIVERSAL_EXPERT_PATTERN, ep_info.lightweight()) if ep_info else None,
+    return CheckpointIndex(files=files, family=Family.ZERO12, zero_stage=stage, tp_degree=tp, pp_degree=pp,
+                           dp_degree=dp, params=params, fallbacks=fallbacks, aliases=aliases, uc_info=uc,
+                           injected_uc_info=injected, optimizer_state_source=optim_at[(0, 0)].index,
+                           copy_sources=[s.index for s in models], autoep_uc=(C.AUTOEP_UNIVERSAL_EXPERT_PATTERN, ep_info.lightweight()) if ep_info else None,
                            global_steps=model0.global_steps, ds_version=model0.ds_version, notes=notes)
 
 
@@ -331,10 +342,8 @@ def _build_zero3(files, metas, stage, strict) -> CheckpointIndex:
                 rank = gm.partition_rank if gm.partition_rank is not None else d
                 offset = 0
                 for name, shape in group_shapes.items():
-                    numel = shape_numel(shape)
-                    q = math.ceil(numel / world)
-                    real = max(0, min(q, numel - rank * q))
-                    frag = Fragment(src.index, k, offset, real, t, d, rank * q)
+                    start, real, q = zero3_span(shape_numel(shape), rank, world)
+                    frag = Fragment(src.index, k, offset, real, t, d, start)
                     _check_bounds(frag, meta, src.path, name)
                     if name not in shapes:
                         order.append(name)
@@ -355,13 +364,12 @@ def _build_zero3(files, metas, stage, strict) -> CheckpointIndex:
                                       files.folder, "copy the complete tag folder again")
     notes: List[str] = []
     # DeepSpeed writes ZeRO-3 parameters as bare flat tensors at TP=1, and merges them like ZeRO-1/2 above.
-    params = _finish_tp_params(order, shapes, frags, {}, tp, uc, strict, files, notes, flat_output=(tp == 1))
-    for p in params:
-        if p.name in experts:  # DeepSpeed's AutoEP payload (a dict), never a bare tensor
-            p.flat_output, p.rule = False, MergeRule("cat", 0, experts=experts.num_experts(p.name))
+    params = _finish_tp_params(order, shapes, frags, {}, tp, uc, strict, files, notes, flat_output=(tp == 1),
+                               experts={name: experts.num_experts(name) for name in order if name in experts})
     first_optim = min(optims, key=lambda s: (s.dp, s.tp))
-    return CheckpointIndex(files, "zero3", stage, tp, 1, dp, params, [], {}, uc, False,
-                           first_optim.index, [s.index for s in models],
+    return CheckpointIndex(files=files, family=Family.ZERO3, zero_stage=stage, tp_degree=tp, pp_degree=1, dp_degree=dp,
+                           params=params, fallbacks=[], aliases={}, uc_info=uc, injected_uc_info=False,
+                           optimizer_state_source=first_optim.index, copy_sources=[s.index for s in models],
                            autoep_uc=(C.AUTOEP_ZERO3_EXPERT_PATTERN, None) if experts else None,
                            global_steps=metas[model0.index].global_steps, ds_version=metas[model0.index].ds_version,
                            notes=notes)

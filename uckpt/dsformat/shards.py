@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import constants as C
 from ..errors import CheckpointError, UnsupportedCheckpointError
 from ..torchsave.reader import FileDescriptors, FileTensor, open_lazy
-from ..regions import Source
+from ..regions import Kind, Source, SourceKind
+from .files import Family
 
 
 def load_shard(path: str) -> Dict[str, Any]:
@@ -62,12 +63,20 @@ class GroupMeta:
     refusal: Optional[str] = None  # why that makes its (non-expert) parameters unconvertible
 
 
+class OptimizerKind(Kind):
+    """Which DeepSpeed optimizer wrapper wrote an optimizer shard."""
+
+    ZERO12 = "zero12"  # DeepSpeedZeroOptimizer (stage 1 or 2)
+    BF16_OPTIMIZER = "bf16_optimizer"  # BF16_Optimizer: no zero_stage key (DeepSpeed's converter assumes 1)
+    ZERO3 = "zero3"  # DeepSpeedZeroOptimizer_Stage3
+
+
 @dataclass
 class OptimMeta:
     zero_stage: int
     groups: List[GroupMeta]
     elastic: bool = False
-    optimizer_kind: str = ""
+    optimizer_kind: Optional[OptimizerKind] = None
 
 
 def _shapes(d) -> Dict[str, Tuple[int, ...]]:
@@ -128,9 +137,9 @@ def _value(v):
     return v.to_data() if isinstance(v, FileTensor) else v
 
 
-def optim_meta(sd: Dict[str, Any], path: str, family: str) -> OptimMeta:
+def optim_meta(sd: Dict[str, Any], path: str, family: Family) -> OptimMeta:
     osd = _optimizer_state(sd, path)
-    if family == "zero3":
+    if family is Family.ZERO3:
         inner = osd.get(C.OPTIMIZER_STATE_DICT)
         flat = osd.get(C.FP32_FLAT_GROUPS)
         if not isinstance(inner, dict) or flat is None:
@@ -145,7 +154,7 @@ def optim_meta(sd: Dict[str, Any], path: str, family: str) -> OptimMeta:
             groups.append(GroupMeta(t.numel(), numels, step, has_step, partition_count=pg.get(C.ZERO3_PARTITION_COUNT_KEY),
                                     partition_rank=pg.get(C.ZERO3_PARTITION_RANK_KEY), missing=missing,
                                     refusal=refusal))
-        return OptimMeta(int(osd.get(C.ZERO_STAGE, 3)), groups, optimizer_kind="zero3")
+        return OptimMeta(int(osd.get(C.ZERO_STAGE, 3)), groups, optimizer_kind=OptimizerKind.ZERO3)
 
     if C.SINGLE_PARTITION_OF_FP32_GROUPS not in osd:
         stage = osd.get(C.ZERO_STAGE)
@@ -169,13 +178,13 @@ def optim_meta(sd: Dict[str, Any], path: str, family: str) -> OptimMeta:
         groups.append(GroupMeta(t.numel(), numels, step, has_step, mappings=maps, missing=missing, refusal=refusal))
     # The BF16_Optimizer variant carries no zero_stage; DeepSpeed's converter then assumes stage 1.
     return OptimMeta(int(osd.get(C.ZERO_STAGE, 1)), groups,
-                     optimizer_kind="zero12" if C.ZERO_STAGE in osd else "bf16_optimizer")
+                     optimizer_kind=OptimizerKind.ZERO12 if C.ZERO_STAGE in osd else OptimizerKind.BF16_OPTIMIZER)
 
 
-def state_tensor(sd: Dict[str, Any], family: str, group: int, state: str) -> FileTensor:
+def state_tensor(sd: Dict[str, Any], family: Family, group: int, state: str) -> FileTensor:
     """The flat tensor of ``state`` (fp32 / exp_avg / exp_avg_sq) for ``group`` of an optimizer shard."""
     osd = sd[C.OPTIMIZER_STATE_DICT]
-    if family == "zero3":
+    if family is Family.ZERO3:
         if state == C.FP32_WEIGHT_KEY:
             return osd[C.FP32_FLAT_GROUPS][group]
         return osd[C.OPTIMIZER_STATE_DICT][C.TORCH_STATE_KEY][group][state]
@@ -184,7 +193,7 @@ def state_tensor(sd: Dict[str, Any], family: str, group: int, state: str) -> Fil
     return osd[C.BASE_OPTIMIZER_STATE][C.TORCH_STATE_KEY][group][state]
 
 
-def read_fragment(sd: Dict[str, Any], family: str, frag, state: str, out: memoryview, fds: FileDescriptors = None):
+def read_fragment(sd: Dict[str, Any], family: Family, frag, state: str, out: memoryview, fds: FileDescriptors = None):
     """Copy a fragment's fp32 elements of ``state`` from its shard into ``out`` (``frag.numel`` * 4 bytes)."""
     tensor = state_tensor(sd, family, frag.group, state)
     if tensor.dtype != "float32":
@@ -200,7 +209,7 @@ def opened_checkpoint(files):
     yield shards, {s.index: source_meta(s, shards[s.index], files.family) for s in files.sources}
 
 
-def source_meta(source: Source, sd: Dict[str, Any], family: str):
-    return model_meta(sd, source.path) if source.kind == "model" else optim_meta(sd, source.path, family)
+def source_meta(source: Source, sd: Dict[str, Any], family: Family):
+    return model_meta(sd, source.path) if source.kind is SourceKind.MODEL else optim_meta(sd, source.path, family)
 
 

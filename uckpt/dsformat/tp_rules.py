@@ -16,19 +16,31 @@ plain name (letters, digits, ``_``, ``-`` and ``.`` only) as a literal prefix. P
 regex syntax (AutoTP writes ``^...$``) behave exactly as in DeepSpeed.
 """
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import constants as C
 from ..errors import CheckpointError
+from ..regions import Kind
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
-@dataclass
+class MergeKind(Kind):
+    """How TP slices become one tensor, in DeepSpeed's order of precedence."""
+
+    AFFINE = "affine"  # DeepSpeed's ParamAffineMap rebuilds it (pieces, scales)
+    REPLICATED = "replicated"  # every rank holds the whole tensor; slices must be equal
+    AVERAGE = "average"  # the mean of the slices
+    TWO_SUB_PARAMS = "two_sub_params"  # legacy fused 2-sub-parameter layout, concatenated per half on dim 0
+    SUB_PARAMS = "sub_params"  # fused sub-parameters (QKV, gate_up) with per-rank shard widths
+    CAT = "cat"  # concatenated on cat_dim (0: column-parallel, 1: row-parallel)
+
+
+@dataclass(frozen=True)
 class MergeRule:
-    kind: str  # affine | replicated | average | two_sub_params | sub_params | cat
+    kind: MergeKind
     cat_dim: int = 0
     affine: Optional[Dict[str, Any]] = None  # serialized ParamAffineMap
     sub_shape: Optional[Dict[str, Any]] = None  # SubparamShape fields, normalised
@@ -109,26 +121,25 @@ class RuleBook:
             for cat in (self.replicated, self.average, self.row, self.vocab, self.two_sub):
                 self._match(cat, name)
             self._match_sub(name)
-            rule = MergeRule("affine", affine=self.affine[affine])
+            rule = MergeRule(MergeKind.AFFINE, affine=self.affine[affine])
         elif self._match(self.replicated, name):
-            rule = MergeRule("replicated")
+            rule = MergeRule(MergeKind.REPLICATED)
         elif self._match(self.average, name):
-            rule = MergeRule("average")
+            rule = MergeRule(MergeKind.AVERAGE)
         elif self._match(self.two_sub, name):
-            rule = MergeRule("two_sub_params", cat_dim=0)
+            rule = MergeRule(MergeKind.TWO_SUB_PARAMS, cat_dim=0)
         else:
             sub, pattern = self._match_sub(name)
             if sub is not None:
                 rule = self._sub_rule(name, sub, pattern, tp_shapes)
             else:
-                rule = MergeRule("cat", cat_dim=1 if self._match(self.row, name) else 0)
+                rule = MergeRule(MergeKind.CAT, cat_dim=1 if self._match(self.row, name) else 0)
         if self._match(self.vocab, name):
             if C.ORIGINAL_VOCAB_SIZE not in self.uc:
                 raise CheckpointError(f"{name!r} is a vocabulary parameter but {C.ORIGINAL_VOCAB_SIZE} is missing",
                                       fix="the checkpoint's universal_checkpoint_info is incomplete")
             vocab_rows = int(self.uc[C.ORIGINAL_VOCAB_SIZE])
-        rule.vocab_rows = vocab_rows
-        return rule
+        return replace(rule, vocab_rows=vocab_rows)
 
     def _sub_rule(self, name, sub, pattern: str, tp_shapes) -> MergeRule:
         pd = sub.partition_dim
@@ -158,7 +169,7 @@ class RuleBook:
         if len(widths) != len(sizes) or any(len(w) != T or sum(w) != s for w, s in zip(widths, sizes)):
             raise CheckpointError(f"shard widths {widths} of {name!r} do not describe sub-parameter sizes {sizes} "
                                   f"over {T} TP ranks")
-        return MergeRule("sub_params", sub_shape={"patterns": list(shape.patterns), "shape": shape.shape,
+        return MergeRule(MergeKind.SUB_PARAMS, sub_shape={"patterns": list(shape.patterns), "shape": shape.shape,
                                                   "partition_dim": pd}, sub_sizes=sizes, shard_widths=widths)
 
     def unused(self) -> Set[str]:

@@ -20,7 +20,8 @@ from ..errors import CheckpointError
 from ..torchsave import reader as ranged
 from .folder import StateFiles, _model_state_file, _optimizer_state, _param_folder, _read_step, _saved_groups_and_step, \
     _state_keys, _state_path, resolve_folder
-from .slicing import Target, read_flat, shard_map, zero3_span
+from ..dsformat.zero3 import zero3_span
+from .slicing import Target, read_flat, shard_map
 
 
 def _apply_hyperparameters(groups, saved_groups):

@@ -285,14 +285,6 @@ def _autoep_placement(shape, info, target: Target, state: str) -> ShardMap:
     return smap
 
 
-def zero3_span(numel: int, rank: int, world: int) -> Tuple[int, int, int]:
-    """DeepSpeed's ZeRO-3 partition of a flat tensor: (start, length read, partition size); the
-    partition is zero-padded past ``numel`` (``q = ceil(numel / world)``)."""
-    q = -(-numel // world) if numel else 0
-    start = min(rank * q, numel)
-    return start, max(0, min(q, numel - start)), q
-
-
 def read_flat(tensor: FileTensor, smap: ShardMap, start: int, length: int) -> torch.Tensor:
     """Elements ``[start, start + length)`` of the flattened shard, reading only the rows of each
     piece that overlap them."""

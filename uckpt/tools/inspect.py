@@ -8,7 +8,7 @@ from ..dsformat import constants as C
 from ..dsformat.autoep import all_layers
 from ..errors import UckptError
 from ..dsformat.index import build_index
-from ..dsformat.files import discover
+from ..dsformat.files import Family, discover
 from ..torchsave.reader import FileTensor
 from ..dsformat.shards import opened_checkpoint
 from ..dsformat.universal import is_universal, list_params, load_payload, model_files, optimizer_state, payload_tensor
@@ -96,7 +96,7 @@ def _universal(path: str) -> Dict[str, Any]:
             steps.add(float(load_payload(p.states[C.STEP_KEY])))
     opt = optimizer_state(path) or {}
     models = model_files(path)
-    family = "zero3" if any(m.startswith(C.ZERO_FILE_PREFIX) for m in models) else "zero12"
+    family = Family.ZERO3 if any(m.startswith(C.ZERO_FILE_PREFIX) for m in models) else Family.ZERO12
     groups = opt.get(C.PARAM_GROUPS) or []
     return {"kind": "universal", "path": path, "family": family, "zero_stage": int(opt[C.ZERO_STAGE])
             if C.ZERO_STAGE in opt else None, "params": len([p for p in params if not p.fp32_only]),
