@@ -10,7 +10,8 @@ untouched and never imports torch; :class:`TorchComm` wraps them as tensors with
 """
 import datetime
 import os
-from typing import Any, List, Optional, Sequence
+import time
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import RemoteError, UckptError
 from ..torchsave.format import as_fp32_tensor, torch_loaded
@@ -126,3 +127,22 @@ def setup(backend: str = "auto", timeout_s: float = 600.0) -> Comm:
         comm.data_device = torch.device(f"cuda:{local_rank}")
         comm.backend = "nccl"
     return comm
+
+
+class Phase:
+    """Run a block of local work, time it into ``timings[name]``, and turn any exception into an
+    agreement across ranks: every rank leaves the block raising, or none does."""
+
+    def __init__(self, comm: Comm, timings: Dict[str, float], name: str):
+        self.comm, self.timings, self.name = comm, timings, name
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt / SystemExit: do not swallow
+        self.comm.agree(exc)
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.monotonic() - self.t0
+        return False

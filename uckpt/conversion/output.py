@@ -42,7 +42,42 @@ THREADED_WRITE_BYTES = 4 << 20  # a file holding this many tensor bytes streams 
 BATCH_BYTES = 64 << 20  # serialised small files wait for at most about this many bytes
 
 
-class OutputFolder:
+class OutputSink:
+    """Where a conversion's files go: the seam between the exchange and storage. Every rank writes the
+    parameters it owns and the files it was given; rank 0 then publishes the whole output at once."""
+
+    def prepare(self):
+        """Rank 0, before any rank writes: make the (still invisible) output ready."""
+
+    def write_param(self, name: str, states: Dict[str, Any]):
+        """One parameter's folder: ``{state: payload}`` (``fp32``, ``exp_avg``, ``exp_avg_sq``, ``step``)."""
+        raise NotImplementedError
+
+    def write_file(self, obj: Any, *parts: str):
+        """Any other file of the output (model files, ``zero/optimizer_state.pt``), as ``torch.save`` writes ``obj``."""
+        raise NotImplementedError
+
+    def copy(self, src: str):
+        """A file copied as it is."""
+        raise NotImplementedError
+
+    def flush(self):
+        """Wait until everything this rank queued is written; raise the first failure."""
+
+    def finish(self) -> str:
+        """Rank 0, once every rank flushed: make the output visible as a whole; returns what points at it."""
+        raise NotImplementedError
+
+    def abort(self):
+        """Rank 0, on failure: remove what was written."""
+
+    def close(self):
+        """Release threads and files (every rank, success or not)."""
+
+
+class OutputFolder(OutputSink):
+    """A Universal checkpoint folder on a file system shared by the ranks."""
+
     def __init__(self, output_folder: str, io_threads: int = 4):
         self.final = normalise(output_folder)
         self.partial = self.final + C.PARTIAL_SUFFIX
@@ -61,7 +96,7 @@ class OutputFolder:
             shutil.rmtree(self.partial)  # left by an interrupted run
         os.makedirs(self.zero)
 
-    def publish(self) -> str:
+    def finish(self) -> str:
         """Move the complete partial folder into place and point ``latest_universal`` at it."""
         old = None
         if os.path.exists(self.final):
@@ -89,12 +124,12 @@ class OutputFolder:
         shutil.rmtree(self.partial, ignore_errors=True)
 
     # any rank ----------------------------------------------------------------------------
-    def save(self, obj: Any, *parts: str):
+    def write_file(self, obj: Any, *parts: str):
         """Write ``obj`` (as ``torch.save`` would) to ``<partial>/<parts...>``."""
         path = os.path.join(self.partial, *parts)
         self._add(os.path.dirname(path), {path: obj})
 
-    def save_param(self, name: str, states: Dict[str, Any]):
+    def write_param(self, name: str, states: Dict[str, Any]):
         """One parameter folder ``zero/<name>/`` with one ``<state>.pt`` per entry of ``states``."""
         folder = os.path.join(self.zero, name)
         self._add(folder, {os.path.join(folder, state + C.STATE_FILE_SUFFIX): obj for state, obj in states.items()})

@@ -8,12 +8,17 @@ At one TP rank every rule but the affine map and sub-parameters keeps the data a
 most cutting vocabulary rows, a prefix of the bytes), so those payloads are built here from
 the assembled bytes; the others go through :func:`uckpt.tp_merge.merge_slices` on torch tensors.
 Both give the same keys in the same order.
+
+The model files and ``zero/optimizer_state.pt`` are built here too, exactly as DeepSpeed's converter
+writes them.
 """
 from typing import Any, Dict, List
 
 from ..dsformat import constants as C
-from ..torchsave import direct as directio
+from ..dsformat.files import Family
+from ..dsformat.index import CheckpointIndex
 from ..dsformat.tp_rules import MergeKind
+from ..torchsave import direct as directio
 from ..regions import ParamSpec
 from ..torchsave.format import TensorData, as_fp32_tensor, shape_numel
 
@@ -65,6 +70,16 @@ def _one_slice_payload(spec: ParamSpec, flat: bytearray) -> Dict[str, Any]:
     return out
 
 
+def param_files(spec: ParamSpec, flats: Dict[str, bytearray]) -> Dict[str, Any]:
+    """{state: payload} of a parameter's folder from its assembled flat fp32 states: ``step.pt`` where
+    DeepSpeed writes one, then fp32, exp_avg, exp_avg_sq (less the states its shards lack)."""
+    files = {C.STEP_KEY: spec.step} if spec.has_step else {}
+    for st in C.TENSOR_STATES:
+        if st not in spec.skip_states:
+            files[st] = state_payload(spec, flats[st], st)
+    return files
+
+
 def alias_payload(spec: ParamSpec, fp32_flat: bytearray) -> Dict[str, Any]:
     """fp32.pt of a tied alias: the canonical parameter's fp32 master (DeepSpeed's fallback layout: ``{param}``).
 
@@ -90,3 +105,34 @@ def to_fp32(t: TensorData) -> TensorData:
     import numpy as np
     values = np.frombuffer(t.data, dtype=np.dtype(t.dtype)).astype(np.float32)
     return TensorData("float32", tuple(t.shape), bytearray(values.tobytes()))
+
+
+def with_autoep_info(model_state, pattern, layers):
+    """A model-state file as DeepSpeed's converter rewrites it for AutoEP: its UC info names the expert
+    pattern and the AutoEP layers (spec 3.2 step 6; ZeRO-3: the file's own layers, 3.3); all else unchanged."""
+    out = dict(model_state)
+    info = dict(out.get(C.UNIVERSAL_CHECKPOINT_INFO) or {})
+    info[C.EXPERT_PARAMETER_PATTERNS] = [pattern]
+    info[C.AUTOEP_LAYERS_KEY] = layers if layers is not None else out.get(
+        C.AUTOEP_LAYERS_KEY, out.get(C.AUTOEP_LAYERS_KEY_LEGACY))
+    out[C.UNIVERSAL_CHECKPOINT_INFO] = info
+    return out
+
+
+def optimizer_state(index: CheckpointIndex, sd: Dict[str, Any]) -> Dict[str, Any]:
+    """zero/optimizer_state.pt exactly as DeepSpeed's ``_save_optimizer_state(_stage3)`` writes it."""
+    osd = sd[C.OPTIMIZER_STATE_DICT]
+    if index.family is Family.ZERO3:
+        out = dict(osd)
+        out[C.PARAM_GROUPS] = osd[C.OPTIMIZER_STATE_DICT][C.PARAM_GROUPS]
+        return out
+    sharded = (C.BASE_OPTIMIZER_STATE, C.PARAM_SLICE_MAPPINGS, C.SINGLE_PARTITION_OF_FP32_GROUPS)
+    out = {k: v for k, v in osd.items() if k not in sharded}
+    # DeepSpeed reads this shard through ZeROCheckpoint.get_state_for_rank, which zeroes the group
+    # paddings (after stripping them) and sets partition_count to the checkpoint's DP degree.
+    if out.get(C.GROUP_PADDINGS):
+        out[C.GROUP_PADDINGS] = [0] * len(out[C.GROUP_PADDINGS])
+    if out.get(C.PARTITION_COUNT):
+        out[C.PARTITION_COUNT] = [index.dp_degree] * len(out[C.PARTITION_COUNT])
+    out[C.PARAM_GROUPS] = osd[C.BASE_OPTIMIZER_STATE][C.PARAM_GROUPS]
+    return out
