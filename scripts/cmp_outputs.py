@@ -13,11 +13,13 @@ uckpt package of ``--tree``.
 
 ``compare`` compares every ``.pt`` file of the two output trees byte for byte. Each file uckpt
 writes carries a ``.data/serialization_id`` record that is unique per file by design (torch writes
-a random one too); those bytes, and only those, are skipped, and the report says how many were.
+a random one too); those 40 bytes and the record's two CRC-32 copies, and only those, are skipped,
+and the report says how many bytes were.
 The JSON report (timings) is not compared. Exit 1 on any difference.
 """
 import argparse
 import os
+import struct
 import subprocess
 import sys
 import zipfile
@@ -76,20 +78,37 @@ def convert(tree: str, ckpts: str, out: str, cases):
             print(f"converted {case} with {nproc} rank(s) -> {dst}", flush=True)
 
 
-def _id_span(path: str):
-    """(start, end) of the serialization id's bytes in a torch.save file, or None."""
+def _id_spans(path: str):
+    """Byte ranges of a torch.save file that hold its serialization id: the record's data and the two
+    copies of its CRC-32 (data descriptor and central directory); None if the file has no such record."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if info.filename.endswith(SERIALIZATION_ID):
-                    with open(path, "rb") as f:
-                        f.seek(info.header_offset + 26)
-                        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
-                    start = info.header_offset + 30 + name_len + extra_len
-                    return start, start + info.file_size
+        zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         return None
+    with zf, open(path, "rb") as f:
+        raw = f.read()
+    for info in zf.infolist():
+        if not info.filename.endswith(SERIALIZATION_ID):
+            continue
+        name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)
+        start = info.header_offset + 30 + name_len + extra_len
+        end = start + info.file_size
+        spans = [(start, end), (end + 4, end + 8)]  # data, then the descriptor's CRC (after its signature)
+        pos = zf.start_dir
+        while raw[pos:pos + 4] == b"PK\x01\x02":  # the central directory: one entry per record
+            n, e, c = struct.unpack_from("<HHH", raw, pos + 28)
+            if raw[pos + 46:pos + 46 + n].decode() == info.filename:
+                spans.append((pos + 16, pos + 20))
+            pos += 46 + n + e + c
+        return spans
     return None
+
+
+def _masked(data: bytes, spans) -> bytes:
+    out = bytearray(data)
+    for a, b in spans:
+        out[a:b] = bytes(b - a)
+    return bytes(out)
 
 
 def compare(a: str, b: str) -> int:
@@ -105,16 +124,16 @@ def compare(a: str, b: str) -> int:
         total += len(x)
         if x == y:
             continue
-        span = _id_span(os.path.join(a, rel))
-        if len(x) != len(y) or span is None or span != _id_span(os.path.join(b, rel)) or \
-                x[:span[0]] + x[span[1]:] != y[:span[0]] + y[span[1]:]:
+        spans = _id_spans(os.path.join(a, rel))
+        if len(x) != len(y) or spans is None or spans != _id_spans(os.path.join(b, rel)) or \
+                _masked(x, spans) != _masked(y, spans):
             bad.append(f"differs: {rel}")
         else:
-            masked += span[1] - span[0]
+            masked += sum(e - s for s, e in spans)
     for line in bad:
         print(line)
     print(f"{len(files & other)} .pt files, {total} bytes compared: {len(bad)} differences "
-          f"({masked} serialization-id bytes skipped)")
+          f"({masked} bytes of serialization ids and their CRCs skipped)")
     return 1 if bad or not files else 0
 
 

@@ -1,6 +1,5 @@
 """Large writes with O_DIRECT (uckpt.directio): the same bytes as buffered writes, the aligned middle
 written directly where the file system allows it, a buffered fallback everywhere else."""
-import errno
 import mmap
 import os
 import zipfile
@@ -11,25 +10,7 @@ import torch
 from uckpt.torchsave import direct as directio
 from uckpt.torchsave import writer as tsave
 from uckpt.torchsave.format import TensorData
-
-
-def _direct_supported(folder) -> bool:
-    path = os.path.join(folder, "probe")
-    buf = mmap.mmap(-1, directio.DIRECT_ALIGN)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return False
-        raise
-    try:
-        os.pwrite(fd, buf, 0)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-        os.remove(path)
+from helpers.checks import direct_supported
 
 
 def _pattern(nbytes: int):
@@ -51,12 +32,6 @@ def _sink_write(path, pieces):
         os.close(fd)
 
 
-@pytest.fixture
-def stats():
-    directio.STATS.update(direct_bytes=0, buffered_bytes=0)
-    return directio.STATS
-
-
 def test_buffer_is_page_aligned_when_large():
     big, small = directio.buffer(directio.MIN_DIRECT), directio.buffer(100)
     assert directio._address(memoryview(big)) % mmap.PAGESIZE == 0
@@ -64,7 +39,7 @@ def test_buffer_is_page_aligned_when_large():
 
 
 def test_sink_writes_aligned_middle_directly(tmp_path, stats):
-    if not _direct_supported(tmp_path):
+    if not direct_supported(tmp_path):
         pytest.skip(f"{tmp_path}: this file system refuses O_DIRECT (the fallback is tested below)")
     header = b"h" * 4096
     data = _pattern(3 * directio.MIN_DIRECT + 123)  # a tail that is not a whole block
@@ -96,7 +71,7 @@ def test_sink_on_tmpfs_writes_buffered(stats):
         _sink_write(path, [data])
         with open(path, "rb") as f:
             assert f.read() == bytes(data)
-        if not _direct_supported(folder):
+        if not direct_supported(folder):
             assert stats["direct_bytes"] == 0 and stats["buffered_bytes"] == len(data)
     finally:
         for n in os.listdir(folder):
@@ -138,22 +113,3 @@ def test_copy_file_keeps_bytes_and_times(tmp_path):
     empty.write_bytes(b"")
     assert directio.copy_file(str(empty), str(tmp_path / "empty2")) == 0
     assert (tmp_path / "empty2").read_bytes() == b""
-
-
-def test_direct_path_on_a_real_checkpoint_matches_deepspeed(store, tmp_path, monkeypatch, stats):
-    """The test checkpoints' tensors are far below 1 MiB, so the thresholds are lowered to one block:
-    every tensor of the real DeepSpeed ZeRO-2 bf16 checkpoint then streams through the direct path
-    (4 KiB-aligned records, aligned buffers), and the output must still equal ds_to_universal's."""
-    from uckpt import convert
-    from uckpt.conversion import output as write
-    from uckpt.tools.compare import compare_universal
-    if not _direct_supported(tmp_path):
-        pytest.skip(f"{tmp_path}: this file system refuses O_DIRECT")
-    monkeypatch.setattr(directio, "MIN_DIRECT", directio.DIRECT_ALIGN)
-    monkeypatch.setattr(directio.Sink, "FLUSH_AT", directio.DIRECT_ALIGN)
-    monkeypatch.setattr(write, "THREADED_WRITE_BYTES", 0)  # every file streams through tsave.save
-    out = str(tmp_path / "u" / "universal")
-    convert(store.tag("z2-bf16-dp4"), out, inject_missing_state=True, log={"quiet": True})
-    assert stats["direct_bytes"] > 0
-    skip = lambda rel: rel == os.path.join("zero", "head.weight", "fp32.pt")  # noqa: E731  (README: tied alias)
-    assert compare_universal(out, store.ds_universal("z2-bf16-dp4"), skip=skip) == []

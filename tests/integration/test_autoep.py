@@ -12,8 +12,8 @@ from uckpt.tools import cli
 from uckpt.dsformat import constants as C
 from uckpt.tools.compare import compare_universal, load_state
 from uckpt.errors import CheckpointError
+from helpers.checks import assert_same_state
 
-from test_resume import _assert_same_state
 
 EXPERT = "model.layers.1.mlp.experts.w2"
 
@@ -54,7 +54,7 @@ def test_resume_at_other_autoep_size(store, name, stage, ep, world):
     ours, report_ours = store.resume(name, ours_u, world, *args)
     loaded, report_loaded = store.resume(name, ours_u, world, *args, "--loader", "uckpt")
     for state, report in ((ours, report_ours), (loaded, report_loaded)):
-        _assert_same_state(state, theirs)
+        assert_same_state(state, theirs)
         assert report["losses"] == report_theirs["losses"]
     assert EXPERT in theirs["params"] and theirs["global_steps"] == 2
     reference = store.reference_losses(name)[2:4]

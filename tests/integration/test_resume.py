@@ -4,7 +4,7 @@ step and the next training losses."""
 import pytest
 import torch
 
-from uckpt.tools.compare import load_state
+from helpers.checks import assert_same_state, universal_value
 
 RESUMES = [
     # (checkpoint, target world size, target args or () for the checkpoint's own)
@@ -15,31 +15,17 @@ RESUMES = [
 ]
 
 
-def _assert_same_state(a, b):
-    assert a["global_steps"] == b["global_steps"]
-    assert a["step"] == b["step"] and len(a["step"]) > 0
-    for key in ("params", "exp_avg", "exp_avg_sq"):
-        assert a[key].keys() == b[key].keys() and len(a[key]) > 0
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
-
-
-def _universal_value(universal, name, state):
-    value = load_state(universal, name, state)
-    return value["param"] if isinstance(value, dict) else value
-
-
 @pytest.mark.parametrize("name,world,args", RESUMES)
 def test_resume_matches_deepspeed_conversion(store, name, world, args):
     ours, theirs = store.uckpt_universal(name, 2), store.ds_universal(name)
     state_ours, report_ours = store.resume(name, ours, world, *args)
     state_ds, report_ds = store.resume(name, theirs, world, *args)
-    _assert_same_state(state_ours, state_ds)
+    assert_same_state(state_ours, state_ds)
     assert report_ours["losses"] == report_ds["losses"]
     # what the engine holds is what the Universal files hold
     for key, state in (("params", "fp32"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
         for pname, value in state_ours[key].items():
-            assert torch.equal(value.flatten(), _universal_value(ours, pname, state).flatten()), (key, pname)
+            assert torch.equal(value.flatten(), universal_value(ours, pname, state).flatten()), (key, pname)
     assert state_ours["global_steps"] == 3 and state_ours["step"][0] == 3.0
     # the resumed curve continues the uninterrupted one (other DP size: reduction order differs)
     reference = store.reference_losses(name)[3:5]
@@ -60,7 +46,7 @@ def test_pipeline_tied_across_stages_with_dp(store):
     assert "tied_modules.embed.weight" in state["params"]
     for key, st in (("params", "fp32"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
         for pname, value in state[key].items():
-            assert torch.equal(value, _universal_value(ours, pname, st)), (key, pname)
+            assert torch.equal(value, universal_value(ours, pname, st)), (key, pname)
     reference = store.reference_losses("pp2-dp2")[2:4]
     assert report["losses"] == pytest.approx(reference, rel=1e-3)
 
@@ -69,5 +55,5 @@ def test_pipeline_resume_matches_deepspeed_conversion(store):
     ours, theirs = store.uckpt_universal("pp2-dp1", 2), store.ds_universal("pp2-dp1")
     state_ours, report_ours = store.resume("pp2-dp1", ours, 4, "--stages", "2")
     state_ds, report_ds = store.resume("pp2-dp1", theirs, 4, "--stages", "2")
-    _assert_same_state(state_ours, state_ds)
+    assert_same_state(state_ours, state_ds)
     assert report_ours["losses"] == report_ds["losses"]

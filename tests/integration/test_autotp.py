@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from uckpt.tools.compare import checkpoint_files, compare_universal, load_state
-
-from test_resume import _assert_same_state
+from helpers.checks import assert_same_state
 
 
 @pytest.mark.parametrize("name,nproc", [("tp2-dp2-z2-bf16", 1), ("tp2-dp2-z2-bf16", 3), ("tp2-dp1-z1-fp32", 2),
@@ -44,7 +43,7 @@ def test_autotp_resume_at_tp1_matches_deepspeed_conversion(store):
 
 def _same_tp_state(ours, theirs, report_ours, report_theirs, min_params=6):
     """Two resumed engines agree (test_resume's check), after 2 saved steps, with the same next losses."""
-    _assert_same_state(ours, theirs)
+    assert_same_state(ours, theirs)
     assert ours["global_steps"] == 2
     assert all(len(ours[key]) >= min_params for key in ("params", "exp_avg", "exp_avg_sq"))
     assert report_ours["losses"] == report_theirs["losses"]

@@ -14,7 +14,7 @@ from examples import runner
 from examples.runner import JobError
 
 from conftest import CKPTS
-from test_resume import _assert_same_state, _universal_value
+from helpers.checks import assert_same_state, universal_value
 
 UCKPT = ("--loader", "uckpt")
 
@@ -30,7 +30,7 @@ def _assert_holds_universal(state, universal, names=None):
         assert len(state[key]) > 0
         for pname, value in state[key].items():
             if names is None or pname in names:
-                assert torch.equal(value.flatten(), _universal_value(universal, pname, st).flatten()), (key, pname)
+                assert torch.equal(value.flatten(), universal_value(universal, pname, st).flatten()), (key, pname)
 
 
 @pytest.mark.parametrize("name,world,source", [("z2-bf16-dp4", 2, "uckpt"), ("z1-bf16-dp2", 3, "uckpt"),
@@ -39,7 +39,7 @@ def test_same_state_as_deepspeed_loader(store, name, world, source):
     universal = store.uckpt_universal(name, 2) if source == "uckpt" else store.ds_universal(name)
     theirs, report_theirs = store.resume(name, universal, world)
     ours, report_ours = store.resume(name, universal, world, *CKPTS[name].args, *UCKPT)
-    _assert_same_state(ours, theirs)
+    assert_same_state(ours, theirs)
     loads = _load_reports(store, name, universal, world, (*CKPTS[name].args, *UCKPT))
     assert all(r["loader"] == "uckpt" and r["bytes_read"] > 0 for r in loads)
     if "--zero-stage" in CKPTS[name].args and CKPTS[name].args[CKPTS[name].args.index("--zero-stage") + 1] == "3":
@@ -63,11 +63,11 @@ def test_frozen_params_and_buffers_restored(store):
     theirs, _ = store.resume(name, universal, 2, *args)
     ours, _ = store.resume(name, universal, 2, *args, *UCKPT)
     for pname, value in ours["frozen"].items():
-        saved = _universal_value(universal, pname, "fp32").to(value.dtype)
+        saved = universal_value(universal, pname, "fp32").to(value.dtype)
         assert torch.equal(value, saved), pname
         assert not torch.equal(theirs["frozen"][pname], saved), pname
     gain = ours["buffers"]["gain"]
-    assert torch.equal(gain, _universal_value(universal, "gain", "fp32").to(gain.dtype))
+    assert torch.equal(gain, universal_value(universal, "gain", "fp32").to(gain.dtype))
     assert not torch.equal(theirs["buffers"]["gain"], ours["buffers"]["gain"])
     _assert_holds_universal(ours, universal)
 
@@ -87,7 +87,7 @@ def test_across_zero_families(store, name, world, target_stage):
     assert bool(held) == (target_stage == "3") and ours["frozen"]
     for pname in held:
         value = ours["frozen"][pname]
-        assert torch.equal(value, _universal_value(universal, pname, "fp32").to(value.dtype)), pname
+        assert torch.equal(value, universal_value(universal, pname, "fp32").to(value.dtype)), pname
     reference = store.reference_losses(name)[3:5]
     assert report["losses"] == pytest.approx(reference, rel=2e-2)
 
@@ -106,7 +106,7 @@ def test_autotp_tp2_universal_into_tp1_and_tp2(store):
                         (("--tp", "2", "--zero-stage", "1", "--dtype", "bf16"), 2)):
         theirs, report_theirs = store.resume(name, ours_u, world, *args)
         ours, report_ours = store.resume(name, ours_u, world, *args, *UCKPT)
-        _assert_same_state(ours, theirs)
+        assert_same_state(ours, theirs)
         assert report_ours["losses"] == report_theirs["losses"]
 
 
@@ -162,5 +162,5 @@ def test_pipeline_engine(store):
     ours = store.uckpt_universal("pp2-dp1", 2)
     theirs, report_theirs = store.resume("pp2-dp1", ours, 4, "--stages", "2")
     loaded, report_loaded = store.resume("pp2-dp1", ours, 4, "--stages", "2", *UCKPT)
-    _assert_same_state(loaded, theirs)
+    assert_same_state(loaded, theirs)
     assert report_loaded["losses"] == report_theirs["losses"]
