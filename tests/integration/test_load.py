@@ -13,7 +13,7 @@ from uckpt.errors import CheckpointError
 from examples import runner
 from examples.runner import JobError
 
-from conftest import CKPTS
+from helpers.store import CKPTS
 from helpers.checks import assert_same_state, universal_value
 
 UCKPT = ("--loader", "uckpt")
