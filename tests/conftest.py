@@ -12,7 +12,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(TESTS), "scripts"), TESTS]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from helpers.store import Store  # noqa: E402
-from uckpt.torchsave import direct as directio  # noqa: E402
+from uckpt.torchsave.stats import IO  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +30,17 @@ def copy_tag(store, tmp_path):
     return make
 
 
+class _Since:
+    """The codec's I/O counters counted from this object's creation: ``stats["direct_bytes"]``."""
+
+    def __init__(self):
+        self.start = IO.snapshot()
+
+    def __getitem__(self, key: str) -> int:
+        return IO.since(self.start)[key]
+
+
 @pytest.fixture
 def stats():
-    """uckpt.torchsave.direct's counters of bytes written directly and buffered, zeroed."""
-    directio.STATS.update(direct_bytes=0, buffered_bytes=0)
-    return directio.STATS
+    """Bytes written directly and buffered (and read) during the test."""
+    return _Since()

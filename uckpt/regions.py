@@ -4,13 +4,18 @@ A *source* is one native shard (a file today; a live optimizer partition for in-
 A *fragment* is a contiguous run of one parameter's flattened elements inside one flat
 partition of a source. A *parameter* is the list of its fragments in the order that rebuilds it
 (tensor-parallel rank, then data-parallel rank) plus what the writer needs to shape the result.
+A *piece* places a strided block of one tensor at a strided position of another (DeepSpeed's affine
+map vocabulary): a :class:`ShardMap` lists the pieces of a TP / EP rank's shard inside the full
+tensor. The loader reads a target rank's shard through them, and the converter merges TP slices
+through the same maps run backwards (:meth:`uckpt.dsformat.tp_rules.MergeRule.slice_maps`).
 Everything here is plain data: picklable, comparable, free of tensors and of I/O.
 """
+import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, List, Tuple
+from typing import Any, Iterator, List, Sequence, Tuple
 
-from .torchsave.format import shape_numel
+from .torchsave.format import row_major_strides, shape_numel
 
 Shape = Tuple[int, ...]
 
@@ -94,3 +99,87 @@ class FallbackSpec:
 
     name: str
     source: int  # model file holding module[name]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements at ``as_strided(full, shape, src_strides, src_offset)`` go to
+    ``as_strided(shard, shape, dst_strides, dst_offset)``, multiplied by ``scale ** power``."""
+
+    shape: Tuple[int, ...]
+    src_offset: int
+    src_strides: Tuple[int, ...]
+    dst_offset: int
+    dst_strides: Tuple[int, ...]
+    scale: float = 1.0
+
+    def runs(self) -> Iterator[Tuple[int, int, int]]:
+        """(source offset, destination offset, elements) of the runs that are contiguous on both sides."""
+        n = math.prod(self.shape)
+        if n == 0:
+            return
+        run, k = 1, len(self.shape)
+        while k > 0 and (self.shape[k - 1] == 1 or
+                         (self.src_strides[k - 1] == run and self.dst_strides[k - 1] == run)):
+            run *= self.shape[k - 1]
+            k -= 1
+        lead = self.shape[:k]
+        idx = [0] * k
+        while True:
+            yield (self.src_offset + sum(i * s for i, s in zip(idx, self.src_strides)),
+                   self.dst_offset + sum(i * s for i, s in zip(idx, self.dst_strides)), run)
+            a = k - 1
+            while a >= 0:
+                idx[a] += 1
+                if idx[a] < lead[a]:
+                    break
+                idx[a] = 0
+                a -= 1
+            if a < 0:
+                return
+
+
+@dataclass
+class ShardMap:
+    """One rank's shard of a Universal tensor: its shape and the pieces that fill it (rest is zero)."""
+
+    shard_shape: Tuple[int, ...]
+    pieces: List[Piece]
+    scale_power: int = 1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shard_shape)
+
+
+def chunk_span(size: int, parts: int, index: int) -> Tuple[int, int]:
+    """``torch.chunk(size, parts)[index]`` as (start, width) (torch sizes every chunk ceil(size/parts))."""
+    c = -(-size // parts) if size else 0
+    start = min(index * c, size)
+    return start, max(0, min(c, size - start))
+
+
+def narrows_cat(view_shape: Sequence[int], dim: int, spans: Sequence[Tuple[int, int]], base: int) -> ShardMap:
+    """``cat([view.narrow(dim, s, w) for s, w in spans], dim)`` of a contiguous view at element ``base``."""
+    view_shape = tuple(int(d) for d in view_shape)
+    src_strides = row_major_strides(view_shape)
+    shard_shape = list(view_shape)
+    shard_shape[dim] = sum(w for _, w in spans)
+    shard_shape = tuple(shard_shape)
+    dst_strides = row_major_strides(shard_shape)
+    pieces, at = [], 0
+    for start, width in spans:
+        shape = list(view_shape)
+        shape[dim] = width
+        if width and math.prod(shape):
+            pieces.append(Piece(tuple(shape), base + start * src_strides[dim], src_strides, at * dst_strides[dim],
+                                dst_strides))
+        at += width
+    return ShardMap(shard_shape, pieces)
+
+
+def whole(shape: Tuple[int, ...], base: int) -> ShardMap:
+    """The whole (contiguous) tensor at element ``base``, a scalar included."""
+    if not shape:
+        return ShardMap((), [Piece((), base, (), 0, ())])
+    return narrows_cat(shape, 0, [(0, shape[0])], base)

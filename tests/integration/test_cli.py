@@ -3,7 +3,6 @@ config files and overrides, JSON report, quiet mode."""
 import json
 import os
 
-import pytest
 
 from uckpt.tools import cli
 from uckpt.tools.compare import compare_universal

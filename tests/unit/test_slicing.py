@@ -12,6 +12,7 @@ from deepspeed.checkpoint.universal_checkpoint import SubparamShape, load_hp_che
 
 from uckpt.dsformat import constants as C
 from uckpt.torchsave import reader as ranged
+from uckpt.torchsave.stats import IO
 from uckpt.errors import CheckpointError
 from uckpt.dsformat.zero3 import zero3_span
 from uckpt.load.slicing import Target, read_flat, shard_map
@@ -93,20 +94,20 @@ def test_reads_only_the_fragment(tmp_path):
     full = torch.randn(1024, 256)
     path = tmp_path / "fp32.pt"
     torch.save({C.PARAM: full, C.CAT_DIM: 0}, path)
-    before = ranged.STATS.snapshot()[0]
+    before = IO.snapshot()
     lazy = ranged.open_lazy(str(path))
     ft = lazy.pop(C.PARAM)
     smap = shard_map(ft.shape, lazy, Target((512, 256), 1, 2), C.FP32_WEIGHT_KEY)
     got = read_flat(ft, smap, 128 * 256, 128 * 256)
     assert torch.equal(got, full[512 + 128:512 + 256].flatten())
-    read = ranged.STATS.snapshot()[0] - before
+    read = IO.since(before)["read_bytes"]
     assert 128 * 256 * 4 <= read < 128 * 256 * 4 + 4096, read
     # columns: one run per row, still only the kept bytes
-    before = ranged.STATS.snapshot()[0]
+    before = IO.snapshot()
     smap = shard_map(ft.shape, {C.CAT_DIM: 1}, Target((1024, 128), 1, 2), C.FP32_WEIGHT_KEY)
     got = read_flat(ft, smap, 0, 10 * 128)
     assert torch.equal(got, full[:10, 128:].flatten())
-    assert ranged.STATS.snapshot()[0] - before == 10 * 128 * 4
+    assert IO.since(before)["read_bytes"] == 10 * 128 * 4
 
 
 def test_zero3_partition_matches_deepspeed_padding():

@@ -4,10 +4,13 @@ Spec section 2.4: dicts holding the merged logical tensor under ``param`` plus t
 parameter's merge rule (``cat_dim``, ``sub_param_shape``, ``vocab_tensor``...); ZeRO-3 at TP=1
 writes the bare flat fp32 tensor; ``step.pt`` holds the raw step value.
 
-At one TP rank every rule but the affine map and sub-parameters keeps the data as it is (at
-most cutting vocabulary rows, a prefix of the bytes), so those payloads are built here from
-the assembled bytes; the others go through :func:`uckpt.tp_merge.merge_slices` on torch tensors.
-Both give the same keys in the same order.
+Rules that only move data (concatenation on any dimension, the legacy two-sub-parameter layout,
+fused sub-parameters with their shard widths) are merged here from the assembled bytes, through the
+same shard maps the loader slices with (:meth:`~uckpt.dsformat.tp_rules.MergeRule.slice_maps`) run
+backwards, so no torch is needed; a vocabulary cut is a prefix of the bytes. Rules that change or
+check values (affine maps, averaged and replicated parameters at several TP ranks) go through
+:func:`uckpt.conversion.tp_merge.merge_slices` on torch tensors. Both give the same keys in the same
+order.
 
 The model files and ``zero/optimizer_state.pt`` are built here too, exactly as DeepSpeed's converter
 writes them.
@@ -22,15 +25,6 @@ from ..torchsave import direct as directio
 from ..regions import ParamSpec
 from ..torchsave.format import TensorData, as_fp32_tensor, shape_numel
 
-_KEEP_DATA = (MergeKind.CAT, MergeKind.REPLICATED, MergeKind.TWO_SUB_PARAMS)  # rules that leave one TP slice unchanged
-
-
-def _keeps_data(spec: ParamSpec) -> bool:
-    rule = spec.rule
-    return len(spec.tp_shapes) == 1 and rule is not None and rule.kind in _KEEP_DATA and \
-        (rule.vocab_rows is None or len(spec.tp_shapes[0]) == 2)
-
-
 def tp_slices(spec: ParamSpec, flat) -> List[Any]:
     """Split an assembled parameter (TP slices concatenated in TP order) into torch slices of each rank's shape."""
     out, pos = [], 0
@@ -42,31 +36,56 @@ def tp_slices(spec: ParamSpec, flat) -> List[Any]:
 
 
 def state_payload(spec: ParamSpec, flat: bytearray, state: str) -> Any:
-    """Payload of one state file from the parameter's assembled fp32 bytes (which it may keep as its storage)."""
+    """Payload of one state file from the parameter's assembled fp32 bytes (TP slices concatenated in TP
+    order; with one TP rank, or column-parallel slices, already the merged tensor, which the payload
+    then keeps as its storage)."""
     if spec.flat_output:
         return TensorData("float32", (spec.numel,), flat)
-    if _keeps_data(spec):
-        return _one_slice_payload(spec, flat)
-    from .tp_merge import merge_slices
-    return merge_slices(spec.name, spec.rule, tp_slices(spec, as_fp32_tensor(flat)), state)
-
-
-def _one_slice_payload(spec: ParamSpec, flat: bytearray) -> Dict[str, Any]:
-    """What ``merge_slices`` returns for a single slice under a rule that keeps its data."""
     rule = spec.rule
+    layout = rule.slice_maps(spec.name, spec.tp_shapes) if rule is not None else None
+    if layout is None or (rule.vocab_rows is not None and len(layout[0]) != 2):
+        from .tp_merge import merge_slices  # values change (affine, average) or are checked (replicas)
+        return merge_slices(spec.name, rule, tp_slices(spec, as_fp32_tensor(flat)), state)
+    shape, maps = layout
+    return _moved_payload(rule, shape, _place(spec, maps, flat))
+
+
+def _place(spec: ParamSpec, maps, flat):
+    """The merged tensor's bytes: each TP slice copied to its place, run by run (the inverse of the
+    load side's shard maps); ``flat`` itself where every slice already lies in place."""
+    runs, base = [], 0
+    for shape, smap in zip(spec.tp_shapes, maps):
+        runs += [(src, base + dst, n) for piece in smap.pieces for src, dst, n in piece.runs()]
+        base += shape_numel(shape)
+    if all(src == dst for src, dst, _ in runs):
+        return flat
+    src_view = memoryview(flat)
+    merged = directio.buffer(len(src_view))
+    for to, at, n in runs:
+        merged[4 * to:4 * (to + n)] = src_view[4 * at:4 * (at + n)]
+    return merged
+
+
+def _moved_payload(rule, shape, data) -> Dict[str, Any]:
+    """What :func:`~uckpt.conversion.tp_merge.merge_slices` returns for a rule that only moves data, in
+    its key order."""
     out: Dict[str, Any] = {}
     if rule.kind is MergeKind.TWO_SUB_PARAMS:
         out[C.CAT_DIM], out[C.PARAM_N_SUB_PARAMS] = 0, 2
+    elif rule.kind is MergeKind.SUB_PARAMS:
+        from deepspeed.checkpoint import SubparamShape  # DeepSpeed's class, as its converter pickles it
+
+        out[C.SUB_PARAM_SHAPE] = SubparamShape(patterns=rule.sub_shape["patterns"], shape=rule.sub_shape["shape"],
+                                               partition_dim=rule.sub_shape["partition_dim"])
     elif rule.kind is MergeKind.CAT:
         out[C.CAT_DIM] = rule.cat_dim
     if rule.experts is not None:  # DeepSpeed's AutoEP payload, in its key order (spec 3.2)
         out = {C.PARAM: None, C.CAT_DIM: 0, C.EP_IS_EXPERT_PARAM: True, C.EP_NUM_EXPERTS: rule.experts}
-    shape, data = tuple(spec.tp_shapes[0]), flat
     if rule.vocab_rows is not None:  # param[:rows, :], the first rows of the row-major data
-        shape = (min(rule.vocab_rows, shape[0]),) + shape[1:]
-        data = memoryview(flat)[:4 * shape_numel(shape)]
+        shape = (min(rule.vocab_rows, shape[0]),) + tuple(shape[1:])
+        data = memoryview(data)[:4 * shape_numel(shape)]
         out[C.VOCAB_TENSOR] = True
-    out[C.PARAM] = TensorData("float32", shape, data)
+    out[C.PARAM] = TensorData("float32", tuple(shape), data)
     return out
 
 

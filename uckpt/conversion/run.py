@@ -22,6 +22,7 @@ from ..dsformat.files import CheckpointFiles, discover
 from ..dsformat.index import CheckpointIndex, build_index
 from ..dsformat.shards import load_shard, source_meta
 from ..options import ConvertConfig
+from ..torchsave.stats import IO
 from . import exchange, payloads, report as reportmod
 from .comm import Comm, Phase
 from .output import OutputFolder, OutputSink, check_paths
@@ -47,7 +48,7 @@ class _Run:
 
 def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
     """Convert ``cfg.input_folder`` into ``cfg.output_folder`` on all ranks of ``comm``; returns the report."""
-    t_start = time.monotonic()
+    t_start, io_start = time.monotonic(), IO.snapshot()
     r = _Run(cfg, comm, Progress(0, 0, enabled=(comm.rank == 0 and not cfg.log.quiet), stream=stream or sys.stderr))
     r.progress.log(f"uckpt {__version__}: converting {cfg.input_folder} -> {cfg.output_folder} "
                    f"on {comm.world_size} rank(s) (backend {comm.backend})")
@@ -65,7 +66,8 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
     try:
         _write(r, index, plan, shards, source, out)
         report["ranks"] = comm.all_gather_object(reportmod.rank_io(comm.rank, r.opened, r.read_bytes,
-                                                                   out.bytes_written, out.files_written))
+                                                                   out.bytes_written, out.files_written,
+                                                                   IO.since(io_start)))
         r.timings["total"] = time.monotonic() - t_start
         report["timings_s"] = {k: round(v, 4) for k, v in r.timings.items()}
         with r.phase("publish"):

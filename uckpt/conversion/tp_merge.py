@@ -12,22 +12,7 @@ from deepspeed.checkpoint.affine import SCALE_POWER_BY_STATE, ParamAffineMap
 
 from ..dsformat import constants as C
 from ..errors import CheckpointError
-from ..dsformat.tp_rules import MergeKind, MergeRule
-
-
-def _resolve_shape(shape: List[int], numel: int, name: str) -> List[int]:
-    holes = [i for i, d in enumerate(shape) if d is not None and d < 0]
-    if not holes:
-        return shape
-    known = 1
-    for i, d in enumerate(shape):
-        if i not in holes:
-            known *= d
-    if len(holes) > 1 or known <= 0 or numel % known:
-        raise CheckpointError(f"sub-parameter shape {shape} of {name!r} cannot hold {numel} elements")
-    out = list(shape)
-    out[holes[0]] = numel // known
-    return out
+from ..dsformat.tp_rules import MergeKind, MergeRule, resolve_shape
 
 
 def _check_replicas(name: str, state: str, slices: List[torch.Tensor]):
@@ -64,7 +49,7 @@ def merge_slices(name: str, rule: MergeRule, slices: List[torch.Tensor], state: 
         pd = rule.sub_shape["partition_dim"]
         logical = [sum(d) if isinstance(d, tuple) else d for d in rule.sub_shape["shape"]]
         logical[pd] = sum(rule.sub_sizes)
-        logical = _resolve_shape(logical, sum(s.numel() for s in slices), name)
+        logical = resolve_shape(logical, sum(s.numel() for s in slices), name)
         views = []
         for t, s in enumerate(slices):
             rank_shape = list(logical)

@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import constants as C
 from ..errors import CheckpointError
-from ..regions import Kind
+from ..torchsave.format import shape_numel
+from ..regions import Kind, ShardMap, narrows_cat, whole
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -48,6 +49,72 @@ class MergeRule:
     shard_widths: Optional[List[List[int]]] = None
     vocab_rows: Optional[int] = None  # original_vocab_size when a vocabulary pattern matched
     experts: Optional[int] = None  # AutoEP routed expert weight: the number of experts (dim 0)
+
+    def slice_maps(self, name: str, tp_shapes: Sequence[Tuple[int, ...]]) \
+            -> Optional[Tuple[Tuple[int, ...], List[ShardMap]]]:
+        """The merged tensor's shape (before a vocabulary cut) and where each TP rank's slice sits in
+        it, as the load side's shard maps: merging runs them backwards, one copy per run, no arithmetic.
+
+        ``None`` where the merge changes values or checks them (affine maps, replicated, averaged
+        parameters), and for shapes DeepSpeed's own merge refuses: those go through
+        :func:`uckpt.conversion.tp_merge.merge_slices`, which raises DeepSpeed's error."""
+        shapes = [tuple(int(d) for d in s) for s in tp_shapes]
+        if len(shapes) == 1 and self.kind in (MergeKind.CAT, MergeKind.REPLICATED, MergeKind.TWO_SUB_PARAMS):
+            return shapes[0], [whole(shapes[0], 0)]  # DeepSpeed keeps a single slice as it is
+        if not shapes[0]:
+            return None
+        if self.kind is MergeKind.CAT:
+            d = self.cat_dim
+            if d >= len(shapes[0]) or any(len(s) != len(shapes[0]) or s[:d] + s[d + 1:] != shapes[0][:d] + shapes[0][d + 1:]
+                                          for s in shapes):
+                return None
+            full = list(shapes[0])
+            full[d] = sum(s[d] for s in shapes)
+            starts = [sum(s[d] for s in shapes[:t]) for t in range(len(shapes))]
+            return tuple(full), [narrows_cat(full, d, [(starts[t], s[d])], 0) for t, s in enumerate(shapes)]
+        if self.kind is MergeKind.TWO_SUB_PARAMS:  # torch.chunk(slice, 2) halves, all first halves first
+            if any(s[0] < 2 or s[1:] != shapes[0][1:] for s in shapes):
+                return None
+            first = [-(-s[0] // 2) for s in shapes]
+            full = (sum(s[0] for s in shapes),) + shapes[0][1:]
+            h0 = sum(first)
+            return full, [narrows_cat(full, 0, [(sum(first[:t]), first[t]),
+                                          (h0 + sum(s[0] - f for s, f in zip(shapes[:t], first[:t])),
+                                           shapes[t][0] - first[t])], 0) for t in range(len(shapes))]
+        if self.kind is MergeKind.SUB_PARAMS:
+            pd = self.sub_shape["partition_dim"]
+            logical = [sum(d) if isinstance(d, tuple) else d for d in self.sub_shape["shape"]]
+            logical[pd] = sum(self.sub_sizes)
+            numel = sum(shape_numel(s) for s in shapes)
+            try:
+                logical = resolve_shape(logical, numel, name)
+            except CheckpointError:
+                return None
+            maps, offset = [[] for _ in shapes], 0
+            for size, widths in zip(self.sub_sizes, self.shard_widths):
+                for t in range(len(shapes)):
+                    maps[t].append((offset + sum(widths[:t]), widths[t]))
+                offset += size
+            out = [narrows_cat(logical, pd, spans, 0) for spans in maps]
+            if any(m.numel != shape_numel(s) for m, s in zip(out, shapes)):
+                return None
+            return tuple(logical), out
+        return None
+
+
+def resolve_shape(shape: List[int], numel: int, name: str) -> List[int]:
+    holes = [i for i, d in enumerate(shape) if d is not None and d < 0]
+    if not holes:
+        return shape
+    known = 1
+    for i, d in enumerate(shape):
+        if i not in holes:
+            known *= d
+    if len(holes) > 1 or known <= 0 or numel % known:
+        raise CheckpointError(f"sub-parameter shape {shape} of {name!r} cannot hold {numel} elements")
+    out = list(shape)
+    out[holes[0]] = numel // known
+    return out
 
 
 @dataclass
@@ -104,6 +171,11 @@ class RuleBook:
         if hits and mark:
             self.used.add(hits[0])
         return hits[0] if hits else None
+
+    def matches(self, patterns: Sequence[str], name: str) -> bool:
+        """Whether ``name`` falls under one of ``patterns`` (a category of the book, e.g. ``book.row``),
+        without counting the pattern as used: a question, not a resolution."""
+        return self._match(patterns, name, mark=False) is not None
 
     def _match_sub(self, name: str) -> Tuple[Optional[Any], Optional[str]]:  # (SubparamShape, pattern)
         for shape in self.sub_params:

@@ -18,6 +18,7 @@ import torch
 from ..dsformat import constants as C
 from ..errors import CheckpointError
 from ..torchsave import reader as ranged
+from ..torchsave.stats import IO
 from .folder import StateFiles, _model_state_file, _optimizer_state, _param_folder, _read_step, _saved_groups_and_step, \
     _state_keys, _state_path, resolve_folder
 from ..dsformat.zero3 import zero3_span
@@ -261,7 +262,7 @@ def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: O
     load_lr_scheduler_states, load_module_extras = cfg.lr_scheduler_states, cfg.module_extras
     folder = resolve_folder(load_dir, cfg.tag)
     files = StateFiles(folder)
-    before = ranged.STATS.snapshot()[0]
+    before = IO.snapshot()
     optimizer = engine.optimizer
     stage3 = _is_stage3(optimizer)
     if not stage3 and _lp_groups(optimizer) is None:
@@ -309,6 +310,6 @@ def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: O
                 C.CHECKPOINT_PARALLEL_DIMS, C.DS_CONFIG_KEY, C.DS_VERSION, C.UNIVERSAL_CHECKPOINT_INFO}
     client = {k: (v.load() if isinstance(v, ranged.FileTensor) else v) for k, v in checkpoint.items()
               if k not in consumed}
-    client["uckpt"] = {"folder": folder, "bytes_read": ranged.STATS.snapshot()[0] - before,
+    client["uckpt"] = {"folder": folder, "bytes_read": IO.since(before)["read_bytes"],
                        "module_extras": extras, "stage3": stage3}
     return client

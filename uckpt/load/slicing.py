@@ -16,40 +16,15 @@ Pure functions: no process group, no engine. :mod:`uckpt.load` supplies the targ
 """
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ..dsformat import constants as C
 from ..errors import CheckpointError
+from ..regions import Piece, ShardMap, chunk_span, narrows_cat, whole
 from ..torchsave.format import row_major_strides
 from ..torchsave.reader import FileTensor
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Elements at ``as_strided(full, shape, src_strides, src_offset)`` go to
-    ``as_strided(shard, shape, dst_strides, dst_offset)``, multiplied by ``scale ** power``."""
-
-    shape: Tuple[int, ...]
-    src_offset: int
-    src_strides: Tuple[int, ...]
-    dst_offset: int
-    dst_strides: Tuple[int, ...]
-    scale: float = 1.0
-
-
-@dataclass
-class ShardMap:
-    """One rank's shard of a Universal tensor: its shape and the pieces that fill it (rest is zero)."""
-
-    shard_shape: Tuple[int, ...]
-    pieces: List[Piece]
-    scale_power: int = 1
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shard_shape)
 
 
 @dataclass(frozen=True)
@@ -70,39 +45,6 @@ class Target:
     autotp_meta: Optional[dict] = None
     autoep_meta: Optional[dict] = None
     name: str = "?"
-
-
-def _chunk_span(size: int, parts: int, index: int) -> Tuple[int, int]:
-    """``torch.chunk(size, parts)[index]`` as (start, width) (torch sizes every chunk ceil(size/parts))."""
-    c = -(-size // parts) if size else 0
-    start = min(index * c, size)
-    return start, max(0, min(c, size - start))
-
-
-def _narrows_cat(view_shape: Sequence[int], dim: int, spans: Sequence[Tuple[int, int]], base: int) -> ShardMap:
-    """``cat([view.narrow(dim, s, w) for s, w in spans], dim)`` of a contiguous view at element ``base``."""
-    view_shape = tuple(int(d) for d in view_shape)
-    src_strides = row_major_strides(view_shape)
-    shard_shape = list(view_shape)
-    shard_shape[dim] = sum(w for _, w in spans)
-    shard_shape = tuple(shard_shape)
-    dst_strides = row_major_strides(shard_shape)
-    pieces, at = [], 0
-    for start, width in spans:
-        shape = list(view_shape)
-        shape[dim] = width
-        if width and math.prod(shape):
-            pieces.append(Piece(tuple(shape), base + start * src_strides[dim], src_strides, at * dst_strides[dim],
-                                dst_strides))
-        at += width
-    return ShardMap(shard_shape, pieces)
-
-
-def _whole(shape: Tuple[int, ...], base: int) -> ShardMap:
-    """The whole (contiguous) tensor at element ``base``, a scalar included."""
-    if not shape:
-        return ShardMap((), [Piece((), base, (), 0, ())])
-    return _narrows_cat(shape, 0, [(0, shape[0])], base)
 
 
 def _clip_rows(smap: ShardMap, real_rows: int, row_stride: int) -> ShardMap:
@@ -148,7 +90,7 @@ def _autotp(meta: dict, shape: Tuple[int, ...], base: int, rank: int, size: int,
             return smap
     pdim = meta.get("partition_dim")
     if meta.get("replicated", False):
-        return _whole(shape, base)
+        return whole(shape, base)
     logical = meta.get("logical_shape")
     if pdim is None or logical is None:
         return None
@@ -182,14 +124,14 @@ def _autotp(meta: dict, shape: Tuple[int, ...], base: int, rank: int, size: int,
                 raise CheckpointError(f"{name}: shard widths {list(w)} do not split sub-parameter {s} over {size} ranks")
             spans.append((offset + sum(w[:rank]), w[rank]))
             offset += s
-        return _narrows_cat(logical, pdim, spans, base)
+        return narrows_cat(logical, pdim, spans, base)
     parts = meta.get("partition_sizes")
     if parts is not None:
-        return _narrows_cat(logical, pdim, [(sum(parts[:rank]), parts[rank])], base)
+        return narrows_cat(logical, pdim, [(sum(parts[:rank]), parts[rank])], base)
     if logical[pdim] % size:
         raise CheckpointError(f"{name}: dimension {pdim} ({logical[pdim]}) is not divisible by TP size {size} and "
                               "the target records no partition sizes")
-    return _narrows_cat(logical, pdim, [_chunk_span(logical[pdim], size, rank)], base)
+    return narrows_cat(logical, pdim, [chunk_span(logical[pdim], size, rank)], base)
 
 
 def shard_map(full_shape: Sequence[int], info: Dict[str, Any], target: Target, state: str) -> ShardMap:
@@ -247,20 +189,20 @@ def _generic(shape, info, target: Target, rank: int, size: int, base: int) -> Sh
         view = [sum(d) if isinstance(d, tuple) else d for d in sub_shape.shape]
         spans, offset = [], 0
         for s in sizes:
-            start, width = _chunk_span(s, size, rank)
+            start, width = chunk_span(s, size, rank)
             spans.append((offset + start, width))
             offset += s
-        return _narrows_cat(view, pdim, spans, base)
+        return narrows_cat(view, pdim, spans, base)
     if not shape:
-        return _whole(shape, base)
+        return whole(shape, base)
     if n_sub > 1:
         spans = []
         for i in range(n_sub):
-            s0, w0 = _chunk_span(shape[dim], n_sub, i)
-            start, width = _chunk_span(w0, size, rank)
+            s0, w0 = chunk_span(shape[dim], n_sub, i)
+            start, width = chunk_span(w0, size, rank)
             spans.append((s0 + start, width))
-        return _narrows_cat(shape, dim, spans, base)
-    return _narrows_cat(shape, dim, [_chunk_span(shape[dim], size, rank)], base)
+        return narrows_cat(shape, dim, spans, base)
+    return narrows_cat(shape, dim, [chunk_span(shape[dim], size, rank)], base)
 
 
 def _autoep_placement(shape, info, target: Target, state: str) -> ShardMap:

@@ -76,11 +76,11 @@ def _hinted(book, name: str, info: Dict[str, Any]):
     marks = (C.CAT_DIM, C.SUB_PARAM_SHAPE, C.PARAM_N_SUB_PARAMS, C.VOCAB_TENSOR, C.EP_IS_EXPERT_PARAM)
     if book is None or any(k in info for k in marks):
         return info, None
-    if book._match(book.replicated, name, mark=False):
+    if book.matches(book.replicated, name):
         return info, {"replicated": True, "partition_dim": None}
     info = dict(info)
-    if book._match(book.row, name, mark=False):
+    if book.matches(book.row, name):
         info[C.CAT_DIM] = 1
-    if book._match(book.vocab, name, mark=False):
+    if book.matches(book.vocab, name):
         info[C.VOCAB_TENSOR] = True
     return info, None

@@ -20,12 +20,12 @@ import os
 
 from .reader import pread_into
 from .format import ALIGNMENT
+from .stats import IO
 
 PAGE = mmap.PAGESIZE
 DIRECT_ALIGN = 4096  # file offset, length and address of a direct write (covers 512-byte devices)
 MIN_DIRECT = 1 << 20  # smaller pieces are not worth a second descriptor
 
-STATS = {"direct_bytes": 0, "buffered_bytes": 0}  # what went which way (tests and reports)
 
 
 def alignment(nbytes: int) -> int:
@@ -82,7 +82,7 @@ class Sink:
                 self._buffered(view[:head])
                 try:
                     self.pos += write_all(os_fd, view[head:head + body], self.pos)
-                    STATS["direct_bytes"] += body
+                    IO.add(direct_bytes=body)
                     view = view[head + body:]
                 except OSError as exc:  # opened, but this file system wants other alignment: buffered
                     if exc.errno != errno.EINVAL:
@@ -108,7 +108,7 @@ class Sink:
     def _buffered(self, view: memoryview):
         if len(view):
             self.pos += write_all(self.fd, view, self.pos)
-            STATS["buffered_bytes"] += len(view)
+            IO.add(buffered_bytes=len(view))
 
     def _direct_span(self, view: memoryview):
         """(bytes before, bytes of) the part of ``view`` that can go direct: it starts where both the

@@ -5,7 +5,7 @@ module unpickles the pickle with every tensor replaced by a :class:`FileTensor` 
 are in the file, dtype, shape, strides) and classes that are not imported here replaced by
 :mod:`uckpt.torchfmt` stand-ins, then reads element ranges with ``os.preadv`` straight into the
 caller's buffer. A rank therefore reads the pickle and the bytes it keeps, nothing else, and the
-count is exact: :data:`STATS` adds up every byte requested from the file system.
+count is exact: :data:`uckpt.torchsave.stats.IO` adds up every byte requested from the file system.
 
 Torch is imported only by the helpers that return torch tensors (the loader's), and as the
 fallback for files this reader does not know (the legacy format, unknown rebuild functions),
@@ -23,29 +23,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from . import format as F
 from .format import row_major_strides, shape_numel
+from .stats import IO
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_HEADER_MAGIC = b"PK\x03\x04"
-
-
-class ReadStats:
-    """Bytes and read calls this process asked the file system for through this module."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.bytes = 0
-        self.calls = 0
-
-    def add(self, n: int):
-        with self._lock:
-            self.bytes += n
-            self.calls += 1
-
-    def snapshot(self) -> Tuple[int, int]:
-        return self.bytes, self.calls
-
-
-STATS = ReadStats()
 
 
 def pread_into(fd: int, view: memoryview, offset: int):
@@ -56,7 +37,7 @@ def pread_into(fd: int, view: memoryview, offset: int):
         if not got:
             raise EOFError(f"file ends at byte {offset + done}, {len(view) - done} bytes short")
         done += got
-    STATS.add(len(view))
+    IO.add(read_bytes=len(view), read_calls=1)
 
 
 class FileDescriptors:
@@ -258,7 +239,7 @@ def _open_zip(path: str, stand_ins: bool) -> Any:
         prefix = pkl[:-len(F.DATA_PKL)]
         records = _records(zf, raw)
         data = zf.read(pkl)
-        STATS.add(len(data))
+        IO.add(read_bytes=len(data), read_calls=1)
 
     def rebuild(storage, storage_offset, size, stride, requires_grad=False, *_):
         if not isinstance(storage, tuple) or len(storage) != 2:
