@@ -78,6 +78,9 @@ class LoadConfig:
     tag: Optional[str] = None  # None: the tag latest_universal names
     module_extras: bool = True  # restore frozen parameters and buffers from their fp32.pt
     lr_scheduler_states: bool = True  # restore the LR scheduler from the model-state file
+    # UNSAFE: unpickle the returned client state with torch.load(weights_only=False), which runs any code
+    # the file names. Only for checkpoints you made yourself; everything else is always read safely.
+    trust_checkpoint: bool = False
 
 
 @dataclass

@@ -119,9 +119,26 @@ def test_output_exists_needs_overwrite(store, tmp_path, capsys):
     rc, err = _convert(capsys, *args)
     assert rc == 2 and "already exists" in err and "--overwrite" in err
     assert (out / "keep.txt").exists()
+    # --overwrite replaces only a Universal checkpoint: a plain folder stays as it is
     rc, err = _convert(capsys, *args, "--overwrite")
+    assert rc == 2 and "is not a Universal checkpoint" in err
+    assert (out / "keep.txt").read_text() == "x"
+    universal = tmp_path / "u"
+    assert _convert(capsys, *args[:3], str(universal), "--inject_missing_state")[0] == 0
+    (universal / "zero" / "stale.txt").write_text("from an earlier run")
+    rc, err = _convert(capsys, *args[:3], str(universal), "--inject_missing_state", "--overwrite")
     assert rc == 0, err
-    assert not (out / "keep.txt").exists() and (out / "zero" / "optimizer_state.pt").exists()
+    assert not (universal / "zero" / "stale.txt").exists() and (universal / "zero" / "optimizer_state.pt").exists()
+
+
+def test_overwrite_never_replaces_a_native_checkpoint(store, copy_tag, tmp_path, capsys):
+    """Pointed at another native ZeRO tag folder, --overwrite refuses, and the folder is untouched."""
+    other = copy_tag("z2-bf16-dp4")
+    before = _fingerprint(other)
+    rc, err = _convert(capsys, "--input_folder", store.tag("z2-fp32-dp3"), "--output_folder", other,
+                       "--inject_missing_state", "--overwrite")
+    assert rc == 2 and "is not a Universal checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert _fingerprint(other) == before
 
 
 def test_output_inside_input(store, capsys):

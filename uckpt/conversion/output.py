@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Tuple
 from ..dsformat import constants as C
 from ..torchsave import direct as directio
 from ..torchsave import writer as tsave
+from ..dsformat.universal import check_name, looks_converted
 from ..errors import OutputError
 
 
@@ -34,8 +35,12 @@ def check_paths(input_folder: str, output_folder: str, overwrite: bool):
     if _inside(inp, out):
         raise OutputError("contains the input checkpoint folder", output_folder,
                           "choose an output folder that does not hold the input")
-    if os.path.exists(out) and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise OutputError("already exists", output_folder, "pass --overwrite to replace it, or choose another folder")
+    if os.path.lexists(out) and not looks_converted(out):
+        raise OutputError("exists and is not a Universal checkpoint (no zero/optimizer_state.pt, or native shard "
+                          "files inside); --overwrite replaces only a Universal checkpoint", output_folder,
+                          "choose another output folder, or move this one away yourself")
 
 
 THREADED_WRITE_BYTES = 4 << 20  # a file holding this many tensor bytes streams from a writer thread
@@ -131,7 +136,7 @@ class OutputFolder(OutputSink):
 
     def write_param(self, name: str, states: Dict[str, Any]):
         """One parameter folder ``zero/<name>/`` with one ``<state>.pt`` per entry of ``states``."""
-        folder = os.path.join(self.zero, name)
+        folder = os.path.join(self.zero, check_name(name, "parameter name"))
         self._add(folder, {os.path.join(folder, state + C.STATE_FILE_SUFFIX): obj for state, obj in states.items()})
 
     def _add(self, folder: str, files: Dict[str, Any]):

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Set
 
 from .. import __version__
 from ..dsformat import constants as C
@@ -22,6 +22,7 @@ from ..dsformat.files import CheckpointFiles, discover
 from ..dsformat.index import CheckpointIndex, build_index
 from ..dsformat.shards import load_shard, source_meta
 from ..options import ConvertConfig
+from ..torchsave.reader import EXPECTED_STAND_INS
 from ..torchsave.stats import IO
 from . import exchange, payloads, report as reportmod
 from .comm import Comm, Phase
@@ -40,6 +41,7 @@ class _Run:
     progress: Progress
     timings: Dict[str, float] = field(default_factory=dict)
     opened: List[str] = field(default_factory=list)  # shard files this rank read
+    unknown_globals: Set[str] = field(default_factory=set)  # read as inert stand-ins (every rank's)
     read_bytes: int = 0
 
     def phase(self, name: str) -> Phase:
@@ -56,6 +58,7 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
     shards, metas = _read_metadata(r, files)
     index, plan = _plan(r, files, metas)
     report = reportmod.header(cfg, index, plan, comm.backend)
+    report["unknown_globals"] = sorted(r.unknown_globals)
     if cfg.dry_run:
         if comm.rank == 0 and not cfg.log.quiet:
             print(describe(index, plan), file=sys.stdout, flush=True)
@@ -99,14 +102,19 @@ def _read_metadata(r: _Run, files: CheckpointFiles):
     readers = assign_readers([s.nbytes for s in files.sources], r.comm.world_size)
     shards: Dict[int, Any] = {}
     metas: Dict[int, Any] = {}
+    seen: Set[str] = set()  # globals the shards name that became inert stand-ins
     with r.phase("read_metadata"):
         for s in files.sources:
             if readers[s.index] == r.comm.rank:
-                shards[s.index] = load_shard(s.path)
+                shards[s.index] = load_shard(s.path, seen)
                 r.opened.append(s.path)
                 metas[s.index] = source_meta(s, shards[s.index], files.family)
-    for part in r.comm.all_gather_object(metas):
+    for part, names in r.comm.all_gather_object((metas, sorted(seen))):
         metas.update(part)
+        r.unknown_globals.update(set(names) - EXPECTED_STAND_INS)
+    if r.unknown_globals:
+        r.progress.log(f"warning: the checkpoint names globals uckpt does not know; they were read as inert "
+                       f"stand-ins, never called: {', '.join(sorted(r.unknown_globals))}")
     return shards, metas
 
 

@@ -16,6 +16,7 @@ from .shards import ModelMeta, OptimMeta
 from ..regions import FallbackSpec, Fragment, ParamSpec
 from ..torchsave.format import TensorData, is_torch_tensor, shape_numel
 from .tp_rules import MergeKind, MergeRule, RuleBook
+from .universal import check_name
 from .zero3 import zero3_span
 
 
@@ -181,6 +182,7 @@ def _finish_tp_params(order, shapes, frags, steps, tp, uc, strict, files, notes,
     book = RuleBook(uc, tp, names=set(order))
     params = []
     for name in order:
+        check_name(name, "parameter name", files.model_sources()[0].path)
         per_tp = shapes[name]
         if all(not frags[name].get(t) for t in range(tp)):
             continue  # DeepSpeed skips a parameter without fragments; the fp32 fallback covers it
@@ -289,6 +291,7 @@ def _build_zero12(files, metas, stage, inject, strict, ep_info=None) -> Checkpoi
         for key in metas[s.index].module_shapes:
             if key in written or key in aliases:
                 continue
+            check_name(key, "module key", s.path)
             canonical = by_name.get(shared.get(key))
             if (canonical is not None and tp == 1 and canonical.rule is not None and canonical.rule.vocab_rows is None
                     and canonical.numel == shape_numel(metas[s.index].module_shapes[key])):

@@ -11,7 +11,7 @@ import pickle
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import constants as C
 from ..errors import CheckpointError, UnsupportedCheckpointError
@@ -20,10 +20,12 @@ from ..regions import Kind, Source, SourceKind
 from .files import Family
 
 
-def load_shard(path: str) -> Dict[str, Any]:
-    """A DeepSpeed shard with its tensors left in the file; a clear CheckpointError if it is truncated or corrupt."""
+def load_shard(path: str, stand_ins: Optional[Set[str]] = None) -> Dict[str, Any]:
+    """A DeepSpeed shard with its tensors left in the file, read safely (``stand_ins`` collects the
+    globals it names that became inert stand-ins); a clear CheckpointError if it is truncated, corrupt
+    or inconsistent."""
     try:
-        return open_lazy(path, stand_ins=True)
+        return open_lazy(path, stand_ins)
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"cannot be read, the file is truncated or corrupt ({type(exc).__name__}: "
                               f"{(str(exc).splitlines() or [''])[0][:160]})", path,

@@ -17,7 +17,9 @@ import torch
 
 from ..dsformat import constants as C
 from ..errors import CheckpointError
+from ..dsformat.universal import deepspeed_classes
 from ..torchsave import reader as ranged
+from ..torchsave.format import materialize
 from ..torchsave.stats import IO
 from .folder import StateFiles, _model_state_file, _optimizer_state, _param_folder, _read_step, _saved_groups_and_step, \
     _state_keys, _state_path, resolve_folder
@@ -251,9 +253,12 @@ def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: O
     """Restore ``engine`` (ZeRO stage 1, 2 or 3; any DP / TP / EP size) from a Universal checkpoint.
 
     Every rank calls it. ``config`` is an omegaconf YAML of :class:`uckpt.options.LoadConfig` keys
-    (``tag``, ``module_extras``, ``lr_scheduler_states``); ``options`` override it. Returns the client
-    state of the model-state file (keys DeepSpeed does not consume) plus ``"uckpt"``: the folder
-    loaded, bytes read by this rank, and what was restored.
+    (``tag``, ``module_extras``, ``lr_scheduler_states``, ``trust_checkpoint``); ``options`` override it.
+    Returns the client state of the model-state file (keys DeepSpeed does not consume) plus ``"uckpt"``:
+    the folder loaded, bytes read by this rank, and what was restored. Every file is read safely: objects
+    of classes outside DeepSpeed's checkpoint classes come back as inert stand-ins, unless
+    ``trust_checkpoint=True`` (UNSAFE: it runs whatever code the model-state file names) unpickles the
+    client state fully.
     """
     from .. import options as optmod
 
@@ -272,7 +277,7 @@ def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: O
     model_file = _model_state_file(folder, getattr(engine, "checkpoint_mp_rank", 0) or 0,
                                    max(1, getattr(engine, "mp_world_size", 1) or 1))
     # the engine-level scalars only: the file's module weights stay unread
-    checkpoint = ranged.open_lazy(model_file) if model_file else {}
+    checkpoint = materialize(ranged.open_lazy(model_file), deepspeed_classes()) if model_file else {}
     if hasattr(optimizer, "checkpoint_event_prologue"):
         optimizer.checkpoint_event_prologue()
 
@@ -308,6 +313,8 @@ def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: O
                 C.SHARED_PARAMS_KEY, C.FROZEN_PARAM_FRAGMENTS, "lr_scheduler", "data_sampler", "random_ltd",
                 "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
                 C.CHECKPOINT_PARALLEL_DIMS, C.DS_CONFIG_KEY, C.DS_VERSION, C.UNIVERSAL_CHECKPOINT_INFO}
+    if cfg.trust_checkpoint and model_file:  # unsafe by choice: the caller trusts the file's code
+        checkpoint = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)
     client = {k: (v.load() if isinstance(v, ranged.FileTensor) else v) for k, v in checkpoint.items()
               if k not in consumed}
     client["uckpt"] = {"folder": folder, "bytes_read": IO.since(before)["read_bytes"],

@@ -4,12 +4,12 @@ import glob
 import os
 from typing import Any, Dict, Optional, Tuple
 
-import torch
-
 from ..dsformat import constants as C
-from ..dsformat.universal import is_universal, payload_tensor, state_files
+from ..dsformat.universal import check_name, deepspeed_classes, is_universal, load_payload, payload_tensor, \
+    state_files
 from ..errors import CheckpointError
 from ..torchsave import reader as ranged
+from ..torchsave.format import materialize
 
 
 def resolve_folder(load_dir: str, tag: Optional[str] = None) -> str:
@@ -23,7 +23,7 @@ def resolve_folder(load_dir: str, tag: Optional[str] = None) -> str:
             raise CheckpointError(f"no {C.LATEST_UNIVERSAL_FILE} file and no tag given", path=load_dir,
                                   fix="pass tag=<folder name> or point at a folder holding latest_universal")
         with open(latest) as f:
-            tag = f.read().strip()
+            tag = check_name(f.read().strip(), f"tag in {C.LATEST_UNIVERSAL_FILE}", latest)
     folder = os.path.join(load_dir, tag)
     if not is_universal(folder):
         raise CheckpointError(f"not a Universal checkpoint (no {C.UNIVERSAL_ZERO_FOLDER}/ folder)", path=folder,
@@ -32,11 +32,12 @@ def resolve_folder(load_dir: str, tag: Optional[str] = None) -> str:
 
 
 def _state_path(folder: str, name: str, state: str) -> str:
-    return os.path.join(folder, C.UNIVERSAL_ZERO_FOLDER, name, state + C.STATE_FILE_SUFFIX)
+    return os.path.join(folder, C.UNIVERSAL_ZERO_FOLDER, check_name(name, "parameter name", folder),
+                        check_name(state + C.STATE_FILE_SUFFIX, "state file name", folder))
 
 
 def _param_folder(folder: str, name: str) -> str:
-    path = os.path.join(folder, C.UNIVERSAL_ZERO_FOLDER, name)
+    path = os.path.join(folder, C.UNIVERSAL_ZERO_FOLDER, check_name(name, "parameter name", folder))
     if not os.path.isdir(path):
         raise CheckpointError(f"parameter {name} has no folder in the checkpoint", path=path,
                               fix="load into the model the checkpoint was saved from (same parameter names)")
@@ -67,7 +68,7 @@ class StateFiles:
 
 
 def _parse_state(path: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
-    payload = ranged.open_lazy(path)
+    payload = materialize(ranged.open_lazy(path), deepspeed_classes())
     tensor = payload_tensor(payload, ranged.FileTensor)
     if tensor is not None:
         return tensor, {k: v for k, v in payload.items() if k != C.PARAM} if isinstance(payload, dict) else {}
@@ -76,7 +77,7 @@ def _parse_state(path: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
 
 def _read_step(param_folder: str):
     path = os.path.join(param_folder, C.STEP_KEY + C.STATE_FILE_SUFFIX)
-    return torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
+    return load_payload(path) if os.path.isfile(path) else None
 
 
 def _optimizer_state(folder: str) -> Dict[str, Any]:
@@ -85,7 +86,7 @@ def _optimizer_state(folder: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError("optimizer_state.pt is missing", path=path,
                               fix="the Universal folder is incomplete; convert again")
-    return ranged.open_lazy(path)
+    return materialize(ranged.open_lazy(path), deepspeed_classes())
 
 
 def _saved_groups_and_step(optim_sd: Dict[str, Any]):

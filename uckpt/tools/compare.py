@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ..dsformat import constants as C
+from ..dsformat.universal import load_payload
 
 
 def checkpoint_files(folder: str) -> List[str]:
@@ -56,12 +57,10 @@ def compare_universal(ours: str, theirs: str, skip: Optional[Callable[[str], boo
     for f in sorted(set(b) - set(a)):
         out.append(f"{f}: only in {theirs}")
     for f in sorted(set(a) & set(b)):
-        x = torch.load(os.path.join(ours, f), map_location="cpu", weights_only=False)
-        y = torch.load(os.path.join(theirs, f), map_location="cpu", weights_only=False)
+        x, y = load_payload(os.path.join(ours, f)), load_payload(os.path.join(theirs, f))
         _diff(x, y, f, out)
     return out
 
 
 def load_state(folder: str, name: str, state: str) -> Dict[str, Any]:
-    return torch.load(os.path.join(folder, C.UNIVERSAL_ZERO_FOLDER, name, state + C.STATE_FILE_SUFFIX),
-                      map_location="cpu", weights_only=False)
+    return load_payload(os.path.join(folder, C.UNIVERSAL_ZERO_FOLDER, name, state + C.STATE_FILE_SUFFIX))

@@ -13,6 +13,7 @@ and the stand-ins the reader puts where a pickle names a class that is not impor
 records how it was built, so the writer pickles it back to the same class: DeepSpeed and torch
 load the written file exactly as they load one written by ``torch.save``.
 """
+import collections
 import struct
 import sys
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ VERSION = ("version", b"3\n")
 SERIALIZATION_ID = ".data/serialization_id"
 ALIGNMENT = 64  # torch aligns every record's data to 64 bytes (so files can be memory-mapped)
 PICKLE_PROTOCOL = 2  # torch.save's default
+
+
+class FormatError(ValueError):
+    """A file that is not a well-formed ``torch.save`` file uckpt can read safely."""
 
 
 def shape_numel(shape) -> int:
@@ -200,6 +205,36 @@ def _rebuild_stub(module, qualname, args, called, state):
     obj = stub_class(module, qualname).__new__(stub_class(module, qualname), *args)
     object.__setattr__(obj, "_called", called)
     object.__setattr__(obj, "_state", state)
+    return obj
+
+
+def materialize(obj: Any, classes: Dict[str, type]) -> Any:
+    """``obj`` with the stand-ins of the allow-listed ``classes`` (``"module.qualname"`` -> class) rebuilt
+    as real objects, the way a safe unpickler rebuilds an allow-listed global: the class called with
+    the recorded arguments (``REDUCE``: enums, named tuples) or created bare (``NEWOBJ``), then given
+    its recorded state. Other stand-ins stay inert; containers are rebuilt around what changed."""
+    if isinstance(obj, Stub):
+        cls = classes.get(f"{type(obj)._module}.{type(obj)._qualname}")
+        args = tuple(materialize(a, classes) for a in obj._args)
+        if cls is None:
+            return obj
+        real = cls(*args) if obj._called else cls.__new__(cls, *args)
+        state = materialize(obj._state, classes)
+        if state is not None:
+            if hasattr(real, "__setstate__") and type(real).__setstate__ is not object.__setstate__:
+                real.__setstate__(state)
+            else:
+                slots = None
+                if isinstance(state, tuple) and len(state) == 2:
+                    state, slots = state
+                real.__dict__.update(state or {})
+                for k, v in (slots or {}).items():
+                    setattr(real, k, v)
+        return real
+    if type(obj) in (dict, collections.OrderedDict):
+        return type(obj)((k, materialize(v, classes)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(materialize(v, classes) for v in obj)
     return obj
 
 

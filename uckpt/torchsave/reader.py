@@ -2,24 +2,26 @@
 
 A ``torch.save`` file is an uncompressed zip: a small pickle plus one record per storage. This
 module unpickles the pickle with every tensor replaced by a :class:`FileTensor` (where its bytes
-are in the file, dtype, shape, strides) and classes that are not imported here replaced by
-:mod:`uckpt.torchfmt` stand-ins, then reads element ranges with ``os.preadv`` straight into the
+are in the file, dtype, shape, strides) and every class or function outside a short allow-list
+replaced by an inert :mod:`uckpt.torchsave.format` stand-in (no code from a file ever runs), then reads element ranges with ``os.preadv`` straight into the
 caller's buffer. A rank therefore reads the pickle and the bytes it keeps, nothing else, and the
 count is exact: :data:`uckpt.torchsave.stats.IO` adds up every byte requested from the file system.
 
 Torch is imported only by the helpers that return torch tensors (the loader's), and as the
 fallback for files this reader does not know (the legacy format, unknown rebuild functions),
-whose values ``torch.load`` gives; the byte count then covers whole pages.
+whose values ``torch.load(weights_only=True)`` gives; the byte count then covers whole pages.
 """
+import _compat_pickle
+import codecs
+import collections
 import io
 import os
 import pickle
 import struct
-import sys
 import threading
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import format as F
 from .format import row_major_strides, shape_numel
@@ -193,6 +195,26 @@ class _Unsupported(Exception):
     pass
 
 
+# Globals resolved for real: plain containers and functions that build nothing but data. Every other
+# global of a pickle becomes an inert stand-in (uckpt.torchsave.format.Stub): it records how the
+# pickle built it and is never called, so no code from a checkpoint ever runs.
+_REAL_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("builtins", "slice"): slice,
+    ("builtins", "bytearray"): bytearray,
+    ("_codecs", "encode"): codecs.encode,  # protocol 2 pickles bytes as encode(str, "latin1")
+}
+# Stand-ins that DeepSpeed checkpoints hold by design: the report names every other one.
+EXPECTED_STAND_INS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.checkpoint.universal_checkpoint.SubparamShape", "torch.Tensor", "torch.nn.parameter.Parameter",
+})
+
+
 def _records(zf: zipfile.ZipFile, raw) -> Dict[str, Tuple[int, int]]:
     """Each stored record's (data offset, size)."""
     out = {}
@@ -205,26 +227,44 @@ def _records(zf: zipfile.ZipFile, raw) -> Dict[str, Tuple[int, int]]:
     return out
 
 
-def open_lazy(path: str, stand_ins: bool = False) -> Any:
+def open_lazy(path: str, stand_ins: Optional[Set[str]] = None) -> Any:
     """The object saved in ``path`` with each tensor as a :class:`FileTensor` (no tensor bytes read).
 
-    ``stand_ins``: classes outside the standard library become :mod:`uckpt.torchfmt` stand-ins
-    instead of being imported (the converter: no torch, no DeepSpeed runtime; they are written
-    back unchanged). Otherwise they are imported, as ``torch.load`` would."""
+    Safe on untrusted files: only the globals of ``_REAL_GLOBALS`` and torch's tensor rebuild
+    functions are resolved; every other class or function named by the pickle becomes an inert
+    stand-in, written back unchanged when the object is saved again (``stand_ins``, when given,
+    collects their ``module.name``). Each tensor's shape, strides and offset are checked against its
+    storage record before anything is read, and big-endian files are refused (:class:`FormatError`).
+    Files this reader does not know (the legacy format, other rebuild functions) are read by
+    ``torch.load`` with ``weights_only=True``."""
     try:
         return _open_zip(path, stand_ins)
-    except (_Unsupported, pickle.UnpicklingError):  # a file this reader does not know: torch reads it
+    except _Unsupported:
         import torch
         mmap = zipfile.is_zipfile(path)  # the legacy format cannot be memory-mapped
-        return _wrap_loaded(path, torch.load(path, map_location="cpu", mmap=mmap, weights_only=False))
+        try:
+            loaded = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise F.FormatError(f"holds objects torch refuses to load safely ({str(exc).splitlines()[0][:200]})") \
+                from None
+        return _wrap_loaded(path, loaded)
 
 
-def _real_module(module: str) -> bool:
-    """Globals of the standard library are imported as they are; all others get stand-ins."""
-    return module.split(".")[0] in sys.stdlib_module_names
+def _check_extent(dtype: str, nbytes: int, storage_offset: int, size, stride):
+    """The tensor fits in its storage record: checked before any allocation or read."""
+    if dtype not in F.DTYPES:
+        raise F.FormatError(f"a tensor has dtype {dtype}, which uckpt does not read")
+    if not all(isinstance(d, int) and d >= 0 for d in size) or len(size) != len(stride) or \
+            not all(isinstance(x, int) and x >= 0 for x in stride) or not isinstance(storage_offset, int) \
+            or storage_offset < 0:
+        raise F.FormatError(f"a tensor has an invalid shape {size}, strides {stride} or offset {storage_offset}")
+    item = F.itemsize(dtype)
+    if F.shape_numel(size) and (storage_offset + 1 + sum((d - 1) * s for d, s in zip(size, stride))) * item > nbytes:
+        raise F.FormatError(f"a tensor of shape {tuple(size)} at offset {storage_offset} needs more than the "
+                            f"{nbytes} bytes its storage record holds")
 
 
-def _open_zip(path: str, stand_ins: bool) -> Any:
+def _open_zip(path: str, stand_ins: Optional[Set[str]]) -> Any:
     with open(path, "rb") as raw:
         try:
             zf = zipfile.ZipFile(raw)
@@ -237,6 +277,10 @@ def _open_zip(path: str, stand_ins: bool) -> Any:
         if pkl is None:
             raise _Unsupported("no data.pkl")
         prefix = pkl[:-len(F.DATA_PKL)]
+        order = prefix + F.BYTEORDER[0]
+        if order in names and zf.read(order).strip() != F.BYTEORDER[1]:
+            raise F.FormatError(f"was saved on a {zf.read(order).strip().decode(errors='replace')}-endian machine; "
+                                "uckpt reads little-endian files only")
         records = _records(zf, raw)
         data = zf.read(pkl)
         IO.add(read_bytes=len(data), read_calls=1)
@@ -245,36 +289,51 @@ def _open_zip(path: str, stand_ins: bool) -> Any:
         if not isinstance(storage, tuple) or len(storage) != 2:
             raise _Unsupported("storage")
         dtype, key = storage
-        offset, nbytes = records[f"{prefix}{F.DATA_PREFIX}{key}"]
-        return FileTensor(path, offset, dtype, int(storage_offset), tuple(size), tuple(stride), bool(requires_grad),
-                          nbytes)
+        record = f"{prefix}{F.DATA_PREFIX}{key}"
+        if record not in records:
+            raise F.FormatError(f"a tensor names storage record {key!r}, which the file does not hold")
+        offset, nbytes = records[record]
+        size, stride = tuple(size), tuple(stride)
+        _check_extent(dtype, nbytes, storage_offset, size, stride)
+        return FileTensor(path, offset, dtype, int(storage_offset), size, stride, bool(requires_grad), nbytes)
 
     def rebuild_parameter(data, requires_grad, *_):
         if isinstance(data, FileTensor):
             data.is_parameter, data.requires_grad = True, bool(requires_grad)
         return data
 
+    def rebuild_from_type(func, _type, args, _state):
+        return func(*args)  # a tensor subclass: its plain data (func is one of the rebuilds above)
+
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
+            # protocol 2 names Python 3's builtins as Python 2's (__builtin__.set): map them as pickle does
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
             if module == "torch._utils" and name == "_rebuild_tensor_v2":
                 return rebuild
             if module == "torch._utils" and name == "_rebuild_parameter":
                 return rebuild_parameter
             if module == "torch._tensor" and name == "_rebuild_from_type_v2":
-                return lambda func, _type, args, _state: func(*args)  # a tensor subclass: its plain data
+                return rebuild_from_type
             if module == "torch._utils" and name.startswith("_rebuild"):
                 raise _Unsupported(name)
             if module == "torch" and name in F.STORAGE_DTYPES:
                 return _StorageType(F.STORAGE_DTYPES[name])
-            if stand_ins and module == "torch" and name == "Size":
+            if module == "torch" and name == "Size":
                 return F.TorchSize
-            if not stand_ins or _real_module(module):
-                return super().find_class(module, name)
+            if (module, name) in _REAL_GLOBALS:
+                return _REAL_GLOBALS[(module, name)]
+            if stand_ins is not None:
+                stand_ins.add(f"{module}.{name}")
             return F.stub_class(module, name)
 
         def persistent_load(self, pid):
-            if pid[0] != "storage" or not isinstance(pid[1], _StorageType):
-                raise _Unsupported(str(pid[:2]))
+            if not isinstance(pid, tuple) or len(pid) < 3 or pid[0] != "storage" or \
+                    not isinstance(pid[1], _StorageType):
+                raise F.FormatError(f"a storage reference {str(pid)[:80]} is not one torch.save writes")
             return (pid[1].dtype, str(pid[2]))
 
     return Unpickler(io.BytesIO(data)).load()
