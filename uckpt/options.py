@@ -58,7 +58,8 @@ class ConvertConfig:
     inject_missing_state: bool = opt(False, "add universal_checkpoint_info when the checkpoint lacks it "
                                             "(as ds_to_universal.py)")
     strict: bool = opt(True, "warn instead of failing on unused patterns", flag="no_strict", action="store_false")
-    overwrite: bool = opt(False, "replace an existing output folder")
+    overwrite: bool = opt(False, "replace an existing output folder (a Universal checkpoint only)")
+    wait_for_lock: bool = opt(False, "wait while another conversion writes the same output, instead of failing")
     dry_run: bool = opt(False, "print the plan, write nothing", flag="dry-run", aliases=["--dry_run"])
     # Accepted for drop-in compatibility with ds_to_universal.py; uckpt has no temp folder and
     # no worker pools (the parallelism is the converter ranks), so they change nothing.

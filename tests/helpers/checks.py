@@ -53,3 +53,10 @@ def direct_supported(folder) -> bool:
     finally:
         os.close(fd)
         os.remove(path)
+
+
+def partial_folders(out) -> list:
+    """The partial folders a conversion to ``out`` left (any run's: ``<out>.uckpt-partial-<run id>``)."""
+    import glob
+
+    return glob.glob(glob.escape(str(out) + ".uckpt-partial") + "*")

@@ -9,6 +9,7 @@ import pytest
 
 from uckpt.tools import cli
 from examples import runner
+from helpers.checks import partial_folders
 
 
 def _fingerprint(folder):
@@ -28,7 +29,7 @@ def _convert(capsys, *args):
 
 def _assert_no_output(out):
     assert not os.path.exists(out)
-    assert not os.path.exists(out + ".uckpt-partial")
+    assert partial_folders(out) == []
 
 
 def test_missing_optimizer_shard(copy_tag, tmp_path, capsys):
@@ -172,7 +173,7 @@ def test_failure_while_writing_leaves_no_output(store, tmp_path, monkeypatch, ca
 
 def test_stale_partial_folder_from_an_interrupted_run_is_replaced(store, tmp_path, capsys):
     out = tmp_path / "o" / "universal"
-    stale = tmp_path / "o" / "universal.uckpt-partial"
+    stale = tmp_path / "o" / "universal.uckpt-partial-0123456789abcdef"  # a dead run's, found under the lock
     (stale / "zero" / "junk").mkdir(parents=True)
     rc, err = _convert(capsys, "--input_folder", store.tag("z2-fp32-dp3"), "--output_folder", str(out),
                        "--inject_missing_state")

@@ -4,8 +4,13 @@ An interrupted run leaves only the partial folder (never a folder that looks com
 next run removes it. ``latest_universal`` is written beside the output as DeepSpeed does, with
 the path normalised first so a trailing slash cannot produce an empty tag.
 """
+import ctypes
+import ctypes.util
+import fcntl
+import glob
 import os
 import shutil
+import socket
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Dict, List, Tuple
@@ -43,6 +48,7 @@ def check_paths(input_folder: str, output_folder: str, overwrite: bool):
                           "choose another output folder, or move this one away yourself")
 
 
+LOCK_SUFFIX = ".uckpt-lock"  # <output><suffix>: the file a writing run holds locked
 THREADED_WRITE_BYTES = 4 << 20  # a file holding this many tensor bytes streams from a writer thread
 BATCH_BYTES = 64 << 20  # serialised small files wait for at most about this many bytes
 
@@ -76,17 +82,33 @@ class OutputSink:
     def abort(self):
         """Rank 0, on failure: remove what was written."""
 
+    def sync(self):
+        """Every rank, after :meth:`flush`: what it wrote is durable."""
+
     def close(self):
         """Release threads and files (every rank, success or not)."""
 
 
 class OutputFolder(OutputSink):
-    """A Universal checkpoint folder on a file system shared by the ranks."""
+    """A Universal checkpoint folder on a file system shared by the ranks.
 
-    def __init__(self, output_folder: str, io_threads: int = 4):
+    Built under ``<output>.uckpt-partial-<run id>``, a name no other run uses, while rank 0 holds an
+    exclusive lock on the sibling ``<output>.uckpt-lock`` (``fcntl.flock``): a second conversion to
+    the same output (a requeued job) stops with a clear error, or waits with ``wait_for_lock``.
+    Every rank makes its files durable (:meth:`sync`) before rank 0 publishes the folder with one
+    rename and fsyncs the parent; ``latest_universal`` is replaced the same way. A crash at any point
+    leaves either the previous state or the complete new folder, never one that looks complete
+    with short files."""
+
+    def __init__(self, output_folder: str, io_threads: int = 4, run_id: str = "", overwrite: bool = False,
+                 wait_for_lock: bool = False):
         self.final = normalise(output_folder)
-        self.partial = self.final + C.PARTIAL_SUFFIX
+        self.run_id = run_id or os.urandom(8).hex()
+        self.partial = f"{self.final}{C.PARTIAL_SUFFIX}-{self.run_id}"
+        self.lock_path = self.final + LOCK_SUFFIX
         self.zero = os.path.join(self.partial, C.UNIVERSAL_ZERO_FOLDER)
+        self.overwrite, self.wait_for_lock = overwrite, wait_for_lock
+        self._lock_fd = None
         self._threads = max(1, io_threads)
         self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="uckpt-write")
         self._pending: List[Future] = []
@@ -97,27 +119,59 @@ class OutputFolder(OutputSink):
 
     # rank 0 only -------------------------------------------------------------------------
     def prepare(self):
-        if os.path.exists(self.partial):
-            shutil.rmtree(self.partial)  # left by an interrupted run
+        """Take the output's lock, check the output again under it, clear partial folders of dead runs."""
+        self._lock()
+        if os.path.lexists(self.final) and not self.overwrite:
+            raise OutputError("was published by another run while this one started", self.final,
+                              "pass --overwrite to replace it, or choose another folder")
+        if os.path.lexists(self.final) and not looks_converted(self.final):
+            raise OutputError("exists and is not a Universal checkpoint; --overwrite replaces only a Universal "
+                              "checkpoint", self.final, "choose another output folder, or move this one away yourself")
+        for stale in glob.glob(glob.escape(self.final + C.PARTIAL_SUFFIX) + "*"):
+            if os.path.isdir(stale) and not os.path.islink(stale):
+                shutil.rmtree(stale)  # a run that died while holding this lock left it; nobody writes it now
         os.makedirs(self.zero)
 
+    def _lock(self):
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait_for_lock else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another conversion is writing this output (it holds {self.lock_path})", self.final,
+                              "wait for it to finish, pass --wait_for_lock to wait, or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} pid {os.getpid()} run {self.run_id}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock; the file stays, so waiters keep one lock
+            self._lock_fd = None
+
     def finish(self) -> str:
-        """Move the complete partial folder into place and point ``latest_universal`` at it."""
+        """Move the complete, synced partial folder into place and point ``latest_universal`` at it."""
+        _fsync_dir(self.partial)
         old = None
-        if os.path.exists(self.final):
-            old = self.final + ".uckpt-old"
-            if os.path.exists(old):
-                shutil.rmtree(old)
+        if os.path.lexists(self.final):  # a Universal checkpoint (checked under the lock), replaced
+            old = f"{self.final}.uckpt-old-{self.run_id}"
             os.rename(self.final, old)
         os.rename(self.partial, self.final)
+        parent, tag = os.path.split(self.final)
+        _fsync_dir(parent)
         if old:
             shutil.rmtree(old)
-        parent, tag = os.path.split(self.final)
         latest = os.path.join(parent, C.LATEST_UNIVERSAL_FILE)
-        tmp = latest + C.PARTIAL_SUFFIX
-        with open(tmp, "w") as f:
-            f.write(tag)
+        tmp = f"{latest}.uckpt-tmp-{self.run_id}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            directio.write_all(fd, memoryview(tag.encode()), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, latest)
+        _fsync_dir(parent)
+        self._unlock()
         return latest
 
     def abort(self):
@@ -126,7 +180,14 @@ class OutputFolder(OutputSink):
             self.flush()
         except BaseException:  # noqa: BLE001 - already failing; the folder goes anyway
             pass
-        shutil.rmtree(self.partial, ignore_errors=True)
+        if self._lock_fd is not None:  # only the run holding the lock made this partial folder
+            shutil.rmtree(self.partial, ignore_errors=True)
+        self._unlock()
+
+    def sync(self):
+        """Every rank, after :meth:`flush`: this rank's files and folders reach the disk (``syncfs`` of the
+        output's file system: one call, where an fsync per file would be thousands)."""
+        _syncfs(self.partial)
 
     # any rank ----------------------------------------------------------------------------
     def write_file(self, obj: Any, *parts: str):
@@ -196,6 +257,7 @@ class OutputFolder(OutputSink):
 
     def close(self):
         self._pool.shutdown(wait=True)
+        self._unlock()
 
 
 def _save_files(folder: str, files: Dict[str, Any]) -> Tuple[int, int]:
@@ -262,3 +324,29 @@ def _write_image(path: str, data: bytes) -> int:
 
 def _copy(src: str, folder: str) -> Tuple[int, int]:
     return directio.copy_file(src, os.path.join(folder, os.path.basename(src))), 1
+
+
+def _fsync_dir(path: str):
+    """Make a folder's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _syncfs(path: str):
+    """Flush the file system holding ``path`` (Linux ``syncfs``); ``os.sync`` where it is missing."""
+    if not hasattr(_LIBC, "syncfs"):
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}", path)
+    finally:
+        os.close(fd)

@@ -65,7 +65,9 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
         report["dry_run"] = True
         return report
     source = ShardFiles(shards, files.family)
-    out = OutputFolder(cfg.output_folder, cfg.io.threads)
+    run_id = comm.all_gather_object(os.urandom(8).hex())[0]  # rank 0's: one partial folder name for all ranks
+    out = OutputFolder(cfg.output_folder, cfg.io.threads, run_id=run_id, overwrite=cfg.overwrite,
+                       wait_for_lock=cfg.wait_for_lock)
     try:
         _write(r, index, plan, shards, source, out)
         report["ranks"] = comm.all_gather_object(reportmod.rank_io(comm.rank, r.opened, r.read_bytes,
@@ -141,6 +143,8 @@ def _write(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, source: F
     with r.phase("other_files"):
         _other_files(r, index, plan, shards, out)
         out.flush()
+    with r.phase("fsync"):
+        out.sync()
     r.progress.update(0, 0, final=True)
 
 

@@ -1,0 +1,75 @@
+"""The output folder: one writer per output (a lock), a partial folder unique to the run, publication
+that cannot clobber a folder published meanwhile, and files made durable before the rename."""
+import fcntl
+import os
+import threading
+
+import pytest
+
+from uckpt.conversion import output
+from uckpt.errors import OutputError
+from uckpt.torchsave.format import TensorData
+
+
+def _states():
+    return {"fp32": {"param": TensorData("float32", (2,), bytearray(8))}}
+
+
+def test_a_second_writer_is_refused_while_the_lock_is_held(tmp_path):
+    final = tmp_path / "u"
+    holder = os.open(str(final) + output.LOCK_SUFFIX, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another conversion of the same output
+    out = output.OutputFolder(str(final), run_id="b")
+    try:
+        with pytest.raises(OutputError, match="another conversion is writing this output"):
+            out.prepare()
+        assert not os.path.exists(out.partial)
+        waiting = output.OutputFolder(str(final), run_id="c", wait_for_lock=True)
+        threading.Timer(0.5, lambda: os.close(holder)).start()
+        waiting.prepare()  # returns once the other run let go
+        assert os.path.isdir(waiting.zero)
+        waiting.abort()
+        waiting.close()
+    finally:
+        out.close()
+
+
+def test_partial_folders_are_unique_per_run(tmp_path):
+    a, b = output.OutputFolder(str(tmp_path / "u")), output.OutputFolder(str(tmp_path / "u"))
+    assert a.partial != b.partial and a.partial.startswith(str(tmp_path / "u") + ".uckpt-partial-")
+    a.close()
+    b.close()
+
+
+def test_a_folder_published_meanwhile_is_not_clobbered(tmp_path):
+    final = tmp_path / "u"
+    out = output.OutputFolder(str(final), run_id="a")
+    final.mkdir()  # another run published here after this one checked the location
+    (final / "theirs.txt").write_text("x")
+    with pytest.raises(OutputError, match="published by another run"):
+        out.prepare()
+    out.close()
+    assert (final / "theirs.txt").read_text() == "x"
+
+
+def test_files_are_synced_and_the_rename_made_durable(tmp_path, monkeypatch):
+    synced, fsynced = [], []
+    monkeypatch.setattr(output, "_syncfs", lambda path: synced.append(path))
+    real_fsync = os.fsync
+    monkeypatch.setattr(output.os, "fsync", lambda fd: (fsynced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                        real_fsync(fd)))
+    final = tmp_path / "ckpts" / "u"
+    final.parent.mkdir()
+    out = output.OutputFolder(str(final), run_id="r1")
+    out.prepare()
+    out.write_param("w", _states())
+    out.flush()
+    out.sync()
+    latest = out.finish()
+    out.close()
+    assert synced == [out.partial]
+    # the partial folder before its rename, the parent after it, latest_universal's bytes, the parent again
+    assert fsynced == [out.partial, str(final.parent), str(final.parent / "latest_universal.uckpt-tmp-r1"),
+                       str(final.parent)]
+    assert open(latest).read() == "u" and sorted(os.listdir(final.parent)) == ["latest_universal", "u", "u.uckpt-lock"]
+    assert (final / "zero" / "w" / "fp32.pt").exists()
