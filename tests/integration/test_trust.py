@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import uckpt
+from helpers.checks import partial_folders
 from uckpt.dsformat.shards import load_shard
 from uckpt.tools import cli
 from uckpt.torchsave import format as F
 from uckpt.torchsave import writer as tsave
-from helpers.checks import partial_folders
 
 
 class Payload:
@@ -139,3 +139,80 @@ def test_big_endian_files_are_refused(copy_tag, tmp_path, capsys, monkeypatch):
     rc, _, err = _run(capsys, "convert", "--input_folder", tag, "--output_folder", str(tmp_path / "u"),
                       "--inject_missing_state", "--quiet")
     assert rc == 2 and "big-endian" in err and "mp_rank_00_model_states.pt" in err, err
+
+
+def test_a_missing_last_dp_rank_is_named(copy_tag, tmp_path, capsys):
+    """The file grid 0..1 looks complete without rank 2: the recorded dp_world_size=3 says otherwise."""
+    tag = copy_tag("z2-fp32-dp3")
+    os.remove(os.path.join(tag, "zero_pp_rank_2_mp_rank_00_optim_states.pt"))
+    rc, _, err = _run(capsys, "convert", "--input_folder", tag, "--output_folder", str(tmp_path / "u"),
+                      "--inject_missing_state", "--quiet")
+    assert rc == 2 and "dp_world_size=3" in err and "zero_pp_rank_2_mp_rank_00_optim_states.pt" in err, err
+
+
+WRONG_TYPES = [
+    ("z2-bf16-dp4", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+     lambda sd: sd["optimizer_state_dict"].__setitem__("single_partition_of_fp32_groups", "oops"),
+     "single_partition_of_fp32_groups: is a str, not a list"),
+    ("z2-bf16-dp4", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+     lambda sd: sd["optimizer_state_dict"]["single_partition_of_fp32_groups"].__setitem__(0, 7),
+     "single_partition_of_fp32_groups[0]: is a int, not a tensor"),
+    ("z2-bf16-dp4", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+     lambda sd: sd["optimizer_state_dict"].__setitem__("zero_stage", "two"),
+     "zero_stage: is a str, not an int"),
+    ("z2-bf16-dp4", "mp_rank_00_model_states.pt",
+     lambda sd: sd["module"].__setitem__("norm.weight", "not a tensor"),
+     "'module'['norm.weight']: is a str, not a tensor"),
+    ("z3-bf16-dp2", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+     lambda sd: sd["optimizer_state_dict"].__setitem__("fp32_flat_groups", ["x"]),
+     "fp32_flat_groups[0]: is a str, not a tensor"),
+]
+
+
+@pytest.mark.parametrize("name,file,edit,message", WRONG_TYPES, ids=[m.split(":")[0] for *_, m in WRONG_TYPES])
+def test_values_of_the_wrong_type_name_the_file_and_key(copy_tag, tmp_path, capsys, name, file, edit, message):
+    tag = copy_tag(name)
+    path = os.path.join(tag, file)
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    edit(sd)
+    torch.save(sd, path)
+    rc, _, err = _run(capsys, "convert", "--input_folder", tag, "--output_folder", str(tmp_path / "u"),
+                      "--inject_missing_state", "--quiet")
+    assert rc == 2 and file in err and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_optimizer_state_as_a_list_of_groups_is_accepted(store, copy_tag, tmp_path, capsys):
+    """DeepSpeed's converter indexes the optimizer's per-group ``state`` as a list too (its AutoTP tests
+    write it so): the conversion equals the one of the original dict form."""
+    from uckpt.tools.compare import compare_universal
+
+    tag = copy_tag("z3-bf16-dp2")
+    for d in range(2):
+        path = os.path.join(tag, f"bf16_zero_pp_rank_{d}_mp_rank_00_optim_states.pt")
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+        inner = sd["optimizer_state_dict"]["optimizer_state_dict"]
+        inner["state"] = [inner["state"][k] for k in sorted(inner["state"])]
+        torch.save(sd, path)
+    out = tmp_path / "u"
+    rc, _, err = _run(capsys, "convert", "--input_folder", tag, "--output_folder", str(out), "--inject_missing_state",
+                      "--quiet")
+    assert rc == 0, err
+    # every parameter equal; optimizer_state.pt carries the input's state as it was given (a list)
+    skip = lambda rel: rel == os.path.join("zero", "optimizer_state.pt")  # noqa: E731
+    assert compare_universal(str(out), store.uckpt_universal("z3-bf16-dp2", 1), skip=skip) == []
+
+
+def test_a_conversion_holding_the_output_lock_stops_the_second(store, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "u"
+    holder = os.open(str(out) + ".uckpt-lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a first conversion (e.g. the requeued job's twin) is writing
+    try:
+        rc, _, err = _run(capsys, "convert", "--input_folder", store.tag("z2-bf16-dp4"), "--output_folder", str(out),
+                          "--inject_missing_state", "--quiet")
+    finally:
+        os.close(holder)
+    assert rc == 2 and "another conversion is writing this output" in err and "--wait_for_lock" in err, err
+    assert not out.exists() and partial_folders(out) == []

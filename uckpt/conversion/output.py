@@ -133,6 +133,7 @@ class OutputFolder(OutputSink):
         os.makedirs(self.zero)
 
     def _lock(self):
+        os.makedirs(os.path.dirname(self.final), exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait_for_lock else fcntl.LOCK_NB))

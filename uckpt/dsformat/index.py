@@ -96,8 +96,32 @@ def _uc_info(model0: ModelMeta, path: str, inject: bool):
     return uc, False
 
 
+def _check_recorded_dp(files: CheckpointFiles, metas: Dict[int, Any]):
+    """Every shard file the saving run's recorded DP size implies is in the folder: a missing last DP
+    rank leaves a complete-looking grid of files, so file names alone cannot tell."""
+    recorded = {metas[s.index].dp_world_size for s in files.model_sources()} - {None}
+    if len(recorded) != 1:
+        return
+    dp = recorded.pop()
+    kinds = [(files.optim_sources(), f"{files.optim_prefix}{C.ZERO_FILE_PREFIX}{{d}}_{C.MODEL_FILE_PREFIX}{{mp:02d}}"
+              f"{C.OPTIM_FILE_SUFFIX}")]
+    if files.family is Family.ZERO3:
+        kinds.append((files.model_sources(), f"{C.ZERO_FILE_PREFIX}{{d}}_{C.MODEL_FILE_PREFIX}{{mp:02d}}"
+                      f"{C.MODEL_FILE_SUFFIX}"))
+    missing = []
+    for sources, name in kinds:
+        have = {(s.dp, s.tp) for s in sources}
+        missing += [name.format(d=d, mp=mp) for mp in sorted({s.tp for s in sources}) for d in range(dp)
+                    if (d, mp) not in have]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise CheckpointError(f"the model states record dp_world_size={dp}, but {len(missing)} shard file(s) are "
+                              f"missing: {shown}", files.folder, "copy the complete tag folder from the training job")
+
+
 def build_index(files: CheckpointFiles, metas: Dict[int, Any], inject_missing_state: bool = False,
                 strict: bool = True) -> CheckpointIndex:
+    _check_recorded_dp(files, metas)
     stage = _stage_of(files, metas)
     if stage == 3 or files.family is Family.ZERO3:
         layers = autoep.all_layers(files, metas)

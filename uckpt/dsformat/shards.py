@@ -17,6 +17,7 @@ from . import constants as C
 from ..errors import CheckpointError, UnsupportedCheckpointError
 from ..torchsave.reader import FileDescriptors, FileTensor, open_lazy
 from ..regions import Kind, Source, SourceKind
+from .checked import Checked
 from .files import Family
 
 
@@ -30,6 +31,10 @@ def load_shard(path: str, stand_ins: Optional[Set[str]] = None) -> Dict[str, Any
         raise CheckpointError(f"cannot be read, the file is truncated or corrupt ({type(exc).__name__}: "
                               f"{(str(exc).splitlines() or [''])[0][:160]})", path,
                               "copy the file again from the training job's save directory, or use an earlier tag") from None
+
+
+DP_WORLD_SIZE_KEY = "dp_world_size"  # model-state file keys of the saving run's sizes (engine._save_checkpoint)
+MP_WORLD_SIZE_KEY = "mp_world_size"
 
 
 @dataclass
@@ -48,6 +53,8 @@ class ModelMeta:
     has_autoep: bool
     autoep_layers: Optional[List[Dict[str, Any]]] = None  # ds_autoep_layers (or the legacy autoep_layers)
     use_data_before_expert_parallelism: Any = False  # from the saved ds_config
+    dp_world_size: Optional[int] = None  # the saving run's sizes, which say which shard files exist
+    mp_world_size: Optional[int] = None
 
 
 @dataclass
@@ -81,57 +88,63 @@ class OptimMeta:
     optimizer_kind: Optional[OptimizerKind] = None
 
 
-def _shapes(d) -> Dict[str, Tuple[int, ...]]:
-    return {k: tuple(v) for k, v in (d or {}).items()}
-
-
 def model_meta(sd: Dict[str, Any], path: str) -> ModelMeta:
-    module = sd.get(C.MODULE_KEY)
+    c = Checked(path)
+    sd = c.dict(sd, "the saved object")
     if C.PARAM_SHAPES not in sd and C.MODULE_KEY not in sd:
         raise CheckpointError("is not a DeepSpeed model-state file (no 'module' / 'param_shapes' keys)", path,
                               "pass a folder written by engine.save_checkpoint")
-    param_shapes = sd.get(C.PARAM_SHAPES)
+    module = c.dict(sd.get(C.MODULE_KEY), f"'{C.MODULE_KEY}'", optional=True) or {}
+    param_shapes = c.list(sd.get(C.PARAM_SHAPES), f"'{C.PARAM_SHAPES}'", optional=True)
     if param_shapes is not None:
-        param_shapes = [_shapes(g) for g in param_shapes]
+        param_shapes = [c.shapes(g, f"'{C.PARAM_SHAPES}'[{i}]") for i, g in enumerate(param_shapes)]
+    shared = c.dict(sd.get(C.SHARED_PARAMS_KEY), f"'{C.SHARED_PARAMS_KEY}'", optional=True) or {}
+    ds_config = sd.get(C.DS_CONFIG_KEY)
     return ModelMeta(
         param_shapes=param_shapes,
-        module_shapes=_shapes({k: v.shape for k, v in module.items()}) if isinstance(module, dict) else {},
-        frozen_param_shapes=_shapes(sd.get(C.FROZEN_PARAM_SHAPES)),
-        shared_params=dict(sd.get(C.SHARED_PARAMS_KEY) or {}),
-        uc_info=sd.get(C.UNIVERSAL_CHECKPOINT_INFO),
-        parallel_dims=sd.get(C.CHECKPOINT_PARALLEL_DIMS),
+        module_shapes={c.str(k, f"a '{C.MODULE_KEY}' key"): c.tensor(v, f"'{C.MODULE_KEY}'[{k!r}]").shape
+                       for k, v in module.items()},
+        frozen_param_shapes=c.shapes(sd.get(C.FROZEN_PARAM_SHAPES), f"'{C.FROZEN_PARAM_SHAPES}'"),
+        shared_params={c.str(k, f"a '{C.SHARED_PARAMS_KEY}' key"): c.str(v, f"'{C.SHARED_PARAMS_KEY}'[{k!r}]")
+                       for k, v in shared.items()},
+        uc_info=c.dict(sd.get(C.UNIVERSAL_CHECKPOINT_INFO), f"'{C.UNIVERSAL_CHECKPOINT_INFO}'", optional=True),
+        parallel_dims=c.dict(sd.get(C.CHECKPOINT_PARALLEL_DIMS), f"'{C.CHECKPOINT_PARALLEL_DIMS}'", optional=True),
         ds_version=sd.get(C.DS_VERSION),
-        global_steps=sd.get("global_steps"),
-        skipped_steps=sd.get("skipped_steps"),
+        global_steps=c.int(sd.get("global_steps"), "'global_steps'", optional=True),
+        skipped_steps=c.int(sd.get("skipped_steps"), "'skipped_steps'", optional=True),
         has_autoep=sd.get(C.AUTOEP_LAYERS_KEY) is not None or sd.get(C.AUTOEP_LAYERS_KEY_LEGACY) is not None,
         autoep_layers=sd.get(C.AUTOEP_LAYERS_KEY, sd.get(C.AUTOEP_LAYERS_KEY_LEGACY)),
-        use_data_before_expert_parallelism=(sd.get(C.DS_CONFIG_KEY) or {}).get(
-            C.USE_DATA_BEFORE_EXPERT_PARALLELISM, False) if isinstance(sd.get(C.DS_CONFIG_KEY), dict) else None,
+        use_data_before_expert_parallelism=ds_config.get(C.USE_DATA_BEFORE_EXPERT_PARALLELISM, False)
+        if isinstance(ds_config, dict) else None,
+        dp_world_size=c.int(sd.get(DP_WORLD_SIZE_KEY), f"'{DP_WORLD_SIZE_KEY}'", optional=True),
+        mp_world_size=c.int(sd.get(MP_WORLD_SIZE_KEY), f"'{MP_WORLD_SIZE_KEY}'", optional=True),
     )
 
 
 def _optimizer_state(sd: Dict[str, Any], path: str) -> Dict[str, Any]:
     osd = sd.get(C.OPTIMIZER_STATE_DICT) if isinstance(sd, dict) else None
-    if not isinstance(osd, dict):
+    if osd is None:
         raise CheckpointError(f"is not a DeepSpeed ZeRO optimizer file (no '{C.OPTIMIZER_STATE_DICT}' key)", path,
                               "pass a folder written by engine.save_checkpoint with ZeRO enabled")
-    return osd
+    return Checked(path).dict(osd, f"'{C.OPTIMIZER_STATE_DICT}'")
 
 
-def _group_states(state: Dict[str, Any], path: str, g: int) -> Tuple[Dict[str, int], Any, bool, Tuple[str, ...],
-                                                                   Optional[str]]:
+def _group_states(c: Checked, state: Dict[str, Any], where: str, g: int) \
+        -> Tuple[Dict[str, int], Any, bool, Tuple[str, ...], Optional[str]]:
     """A group's moment lengths, step, and the moments it lacks with the refusal DeepSpeed's rule implies
     (the index refuses them unless the group holds only AutoEP experts, which are converted best effort)."""
-    tensors = {k: v.numel() for k, v in state.items() if isinstance(v, FileTensor) and len(v.shape) == 1 and k != C.STEP_KEY}
+    tensors = {k: c.tensor(state[k], f"{where}[{k!r}]", flat=True).numel() for k in C.MOMENT_STATES if k in state}
     missing = tuple(k for k in C.MOMENT_STATES if k not in tensors)
     refusal = None
     if missing:
-        have = sorted(state) or ["nothing"]
+        have = sorted(map(str, state)) or ["nothing"]
         refusal = (f"optimizer group {g} holds {', '.join(have)} but not {', '.join(missing)}: the Universal format "
                    "stores Adam-family moments (exp_avg, exp_avg_sq); other optimizers, and saves made before the "
                    "first optimizer step, cannot be converted")
-    return ({k: tensors[k] for k in C.MOMENT_STATES if k in tensors}, _value(state.get(C.STEP_KEY)),
-            C.STEP_KEY in state, missing, refusal)
+    step = state.get(C.STEP_KEY)
+    if C.STEP_KEY in state and not isinstance(step, (int, float, FileTensor)) or isinstance(step, bool):
+        c.fail(f"{where}['{C.STEP_KEY}']", f"is a {type(step).__name__}, not a number or a tensor")
+    return tensors, _value(step), C.STEP_KEY in state, missing, refusal
 
 
 def _value(v):
@@ -140,56 +153,82 @@ def _value(v):
 
 
 def optim_meta(sd: Dict[str, Any], path: str, family: Family) -> OptimMeta:
+    c = Checked(path)
     osd = _optimizer_state(sd, path)
+    top = f"'{C.OPTIMIZER_STATE_DICT}'"
     if family is Family.ZERO3:
         inner = osd.get(C.OPTIMIZER_STATE_DICT)
         flat = osd.get(C.FP32_FLAT_GROUPS)
-        if not isinstance(inner, dict) or flat is None:
+        if inner is None or flat is None:
             raise CheckpointError("is not a ZeRO-3 optimizer file (no fp32_flat_groups)", path,
                                   "the folder mixes files of different ZeRO stages; keep the files of one save only")
-        pgroups = osd.get(C.ZERO3_PARTITION_GROUPS_KEY) or []
+        inner = c.dict(inner, f"{top}.{C.OPTIMIZER_STATE_DICT}")
+        flat = c.list(flat, f"{top}.{C.FP32_FLAT_GROUPS}")
+        pgroups = c.list(osd.get(C.ZERO3_PARTITION_GROUPS_KEY), f"{top}.{C.ZERO3_PARTITION_GROUPS_KEY}",
+                         optional=True) or []
+        state_where = f"{top}.{C.OPTIMIZER_STATE_DICT}.{C.TORCH_STATE_KEY}"
         groups = []
         for k, t in enumerate(flat):
-            numels, step, has_step, missing, refusal = _group_states(inner.get(C.TORCH_STATE_KEY, {}).get(k, {}),
-                                                                     path, k)
-            pg = pgroups[k] if k < len(pgroups) else {}
-            groups.append(GroupMeta(t.numel(), numels, step, has_step, partition_count=pg.get(C.ZERO3_PARTITION_COUNT_KEY),
-                                    partition_rank=pg.get(C.ZERO3_PARTITION_RANK_KEY), missing=missing,
-                                    refusal=refusal))
-        return OptimMeta(int(osd.get(C.ZERO_STAGE, 3)), groups, optimizer_kind=OptimizerKind.ZERO3)
+            t = c.tensor(t, f"{top}.{C.FP32_FLAT_GROUPS}[{k}]", flat=True)
+            numels, step, has_step, missing, refusal = _group_states(
+                c, c.item(inner.get(C.TORCH_STATE_KEY), k, state_where), f"{state_where}[{k}]", k)
+            pg = c.dict(pgroups[k], f"{top}.{C.ZERO3_PARTITION_GROUPS_KEY}[{k}]") if k < len(pgroups) else {}
+            where = f"{top}.{C.ZERO3_PARTITION_GROUPS_KEY}[{k}]"
+            groups.append(GroupMeta(t.numel(), numels, step, has_step,
+                                    partition_count=c.int(pg.get(C.ZERO3_PARTITION_COUNT_KEY), where, optional=True),
+                                    partition_rank=c.int(pg.get(C.ZERO3_PARTITION_RANK_KEY), where, optional=True),
+                                    missing=missing, refusal=refusal))
+        return OptimMeta(c.int(osd.get(C.ZERO_STAGE, 3), f"{top}.{C.ZERO_STAGE}"), groups,
+                         optimizer_kind=OptimizerKind.ZERO3)
 
     if C.SINGLE_PARTITION_OF_FP32_GROUPS not in osd:
         stage = osd.get(C.ZERO_STAGE)
         raise CheckpointError(f"is not a ZeRO-1/2 optimizer file (zero_stage={stage}, no "
                               f"{C.SINGLE_PARTITION_OF_FP32_GROUPS})", path,
                               "the folder mixes files of different ZeRO stages; keep the files of one save only")
-    base = osd[C.BASE_OPTIMIZER_STATE]
+    base = osd.get(C.BASE_OPTIMIZER_STATE)
     if isinstance(base, list):
         raise UnsupportedCheckpointError(
             "is an elastic ZeRO checkpoint (zero_optimization.elastic_checkpoint); neither DeepSpeed's converter "
             "nor uckpt reads that layout", path, "save with elastic_checkpoint disabled")
-    fp32 = osd[C.SINGLE_PARTITION_OF_FP32_GROUPS]
+    base = c.dict(base, f"{top}.{C.BASE_OPTIMIZER_STATE}")
+    fp32 = c.list(osd[C.SINGLE_PARTITION_OF_FP32_GROUPS], f"{top}.{C.SINGLE_PARTITION_OF_FP32_GROUPS}")
     mappings = osd.get(C.PARAM_SLICE_MAPPINGS)
     if mappings is None:
         raise CheckpointError(f"has no {C.PARAM_SLICE_MAPPINGS} (written by DeepSpeed older than 0.10)", path,
                               "re-save the checkpoint with a current DeepSpeed")
+    mappings = c.list(mappings, f"{top}.{C.PARAM_SLICE_MAPPINGS}")
+    if len(mappings) != len(fp32):
+        c.fail(f"{top}.{C.PARAM_SLICE_MAPPINGS}", f"has {len(mappings)} groups, "
+               f"{C.SINGLE_PARTITION_OF_FP32_GROUPS} has {len(fp32)}")
+    state_where = f"{top}.{C.BASE_OPTIMIZER_STATE}.{C.TORCH_STATE_KEY}"
     groups = []
     for g, t in enumerate(fp32):
-        numels, step, has_step, missing, refusal = _group_states(base[C.TORCH_STATE_KEY].get(g, {}), path, g)
-        maps = {name: (int(a.start), int(a.numel)) for name, a in mappings[g].items()}
+        t = c.tensor(t, f"{top}.{C.SINGLE_PARTITION_OF_FP32_GROUPS}[{g}]", flat=True)
+        numels, step, has_step, missing, refusal = _group_states(
+            c, c.item(base.get(C.TORCH_STATE_KEY), g, state_where), f"{state_where}[{g}]", g)
+        where = f"{top}.{C.PARAM_SLICE_MAPPINGS}[{g}]"
+        maps = {}
+        for name, a in c.dict(mappings[g], where).items():
+            try:
+                maps[c.str(name, f"a {where} key")] = (c.int(a.start, f"{where}[{name!r}].start"),
+                                                       c.int(a.numel, f"{where}[{name!r}].numel"))
+            except AttributeError:
+                c.fail(f"{where}[{name!r}]", f"is {type(a).__name__}, not a fragment address (start, numel)")
         groups.append(GroupMeta(t.numel(), numels, step, has_step, mappings=maps, missing=missing, refusal=refusal))
     # The BF16_Optimizer variant carries no zero_stage; DeepSpeed's converter then assumes stage 1.
-    return OptimMeta(int(osd.get(C.ZERO_STAGE, 1)), groups,
+    return OptimMeta(c.int(osd.get(C.ZERO_STAGE, 1), f"{top}.{C.ZERO_STAGE}"), groups,
                      optimizer_kind=OptimizerKind.ZERO12 if C.ZERO_STAGE in osd else OptimizerKind.BF16_OPTIMIZER)
 
 
 def state_tensor(sd: Dict[str, Any], family: Family, group: int, state: str) -> FileTensor:
-    """The flat tensor of ``state`` (fp32 / exp_avg / exp_avg_sq) for ``group`` of an optimizer shard."""
+    """The flat tensor of ``state`` (fp32 / exp_avg / exp_avg_sq) for ``group`` of an optimizer shard
+    (its type was checked with the shard's metadata)."""
     osd = sd[C.OPTIMIZER_STATE_DICT]
     if family is Family.ZERO3:
         if state == C.FP32_WEIGHT_KEY:
             return osd[C.FP32_FLAT_GROUPS][group]
-        return osd[C.OPTIMIZER_STATE_DICT][C.TORCH_STATE_KEY][group][state]
+        return osd[C.OPTIMIZER_STATE_DICT][C.TORCH_STATE_KEY][group][state]  # a dict or a list of groups
     if state == C.FP32_WEIGHT_KEY:
         return osd[C.SINGLE_PARTITION_OF_FP32_GROUPS][group]
     return osd[C.BASE_OPTIMIZER_STATE][C.TORCH_STATE_KEY][group][state]
