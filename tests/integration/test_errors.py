@@ -5,7 +5,6 @@ import hashlib
 import os
 import shutil
 
-import pytest
 
 from uckpt.tools import cli
 from examples import runner
@@ -164,9 +163,12 @@ def test_failure_while_writing_leaves_no_output(store, tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(write, "_write_image", flaky)
     out = str(tmp_path / "o" / "universal")
-    with pytest.raises(OSError, match="No space left"):
-        cli.main(["convert", "--quiet", "--input_folder", store.tag("z2-fp32-dp3"), "--output_folder", out,
-                  "--inject_missing_state"])
+    tag = store.tag("z2-fp32-dp3")
+    before = _fingerprint(tag)
+    rc, err = _convert(capsys, "--input_folder", tag, "--output_folder", out, "--inject_missing_state")
+    assert rc == 2 and "writing the output failed: No space left on device" in err and out in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert _fingerprint(tag) == before
     _assert_no_output(out)
     assert not os.path.exists(os.path.join(os.path.dirname(out), "latest_universal"))
 

@@ -216,3 +216,37 @@ def test_a_conversion_holding_the_output_lock_stops_the_second(store, tmp_path, 
         os.close(holder)
     assert rc == 2 and "another conversion is writing this output" in err and "--wait_for_lock" in err, err
     assert not out.exists() and partial_folders(out) == []
+
+
+def _flip(path, at=0):
+    """Flip one bit inside the largest tensor record of ``path``; returns the record's name."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        pos = info.header_offset + 30 + name_len + extra_len + at
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 0x10]))
+    return info.filename
+
+
+@pytest.mark.parametrize("name,file", [("z2-bf16-dp4", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+                                       ("z3-bf16-dp2", "zero_pp_rank_1_mp_rank_00_model_states.pt")])
+def test_damaged_bytes_fail_their_crc(copy_tag, tmp_path, capsys, name, file):
+    """One flipped bit in tensor data: DeepSpeed converts it silently (or copies the damaged model file
+    into its output); uckpt names the file and record, and publishes nothing. --no_verify_crc skips the check."""
+    tag = copy_tag(name)
+    record = _flip(os.path.join(tag, file), at=5)
+    out = tmp_path / "u"
+    rc, _, err = _run(capsys, "convert", "--input_folder", tag, "--output_folder", str(out), "--inject_missing_state",
+                      "--quiet")
+    assert rc == 2 and file in err and f"record {record} fails its CRC-32 check" in err, err
+    assert not out.exists() and partial_folders(out) == []
+    rc, _, err = _run(capsys, "convert", "--input_folder", tag, "--output_folder", str(out), "--inject_missing_state",
+                      "--quiet", "--no_verify_crc")
+    assert rc == 0, err

@@ -253,6 +253,11 @@ class OutputFolder(OutputSink):
                 self.files_written += nfiles
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 first = first or exc
+        if isinstance(first, OSError):  # a full disk, a quota, a read-only or vanished folder: say so in one line
+            where = f" ({first.filename})" if first.filename else ""
+            raise OutputError(f"writing the output failed: {first.strerror or first}{where}", self.final,
+                              "free space on its file system (or fix its permissions) and run the command again") \
+                from first
         if first is not None:
             raise first
 

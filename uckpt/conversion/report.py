@@ -32,11 +32,11 @@ def header(cfg: ConvertConfig, index: CheckpointIndex, plan: ConvertPlan, backen
 
 
 def rank_io(rank: int, opened: List[str], read_bytes: int, written_bytes: int, files_written: int,
-            io: Dict[str, int]) -> Dict[str, Any]:
+            io: Dict[str, int], crc_checked_bytes: int) -> Dict[str, Any]:
     """One rank's row of ``report["ranks"]``; ``io``: what this run added to the codec's counters
     (bytes asked of the file system, bytes written directly and buffered)."""
     return {"rank": rank, "opened": opened, "read_bytes": read_bytes, "written_bytes": written_bytes,
-            "files_written": files_written, "io": io,
+            "files_written": files_written, "io": io, "crc_checked_bytes": crc_checked_bytes,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

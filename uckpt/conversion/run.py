@@ -20,7 +20,7 @@ from .. import __version__
 from ..dsformat import constants as C
 from ..dsformat.files import CheckpointFiles, discover
 from ..dsformat.index import CheckpointIndex, build_index
-from ..dsformat.shards import load_shard, source_meta
+from ..dsformat.shards import check_integrity, load_shard, source_meta
 from ..options import ConvertConfig
 from ..torchsave.reader import EXPECTED_STAND_INS
 from ..torchsave.stats import IO
@@ -42,6 +42,7 @@ class _Run:
     timings: Dict[str, float] = field(default_factory=dict)
     opened: List[str] = field(default_factory=list)  # shard files this rank read
     unknown_globals: Set[str] = field(default_factory=set)  # read as inert stand-ins (every rank's)
+    crc_bytes: int = 0  # input bytes this rank checked against their CRC-32
     read_bytes: int = 0
 
     def phase(self, name: str) -> Phase:
@@ -56,6 +57,9 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
                    f"on {comm.world_size} rank(s) (backend {comm.backend})")
     files = _discover(r)
     shards, metas = _read_metadata(r, files)
+    if cfg.verify_crc and not cfg.dry_run:
+        with r.phase("verify_crc"):  # damaged bytes are an error naming the file, never a published folder
+            r.crc_bytes = sum(check_integrity(path) for path in r.opened)
     index, plan = _plan(r, files, metas)
     report = reportmod.header(cfg, index, plan, comm.backend)
     report["unknown_globals"] = sorted(r.unknown_globals)
@@ -72,7 +76,7 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
         _write(r, index, plan, shards, source, out)
         report["ranks"] = comm.all_gather_object(reportmod.rank_io(comm.rank, r.opened, r.read_bytes,
                                                                    out.bytes_written, out.files_written,
-                                                                   IO.since(io_start)))
+                                                                   IO.since(io_start), r.crc_bytes))
         r.timings["total"] = time.monotonic() - t_start
         report["timings_s"] = {k: round(v, 4) for k, v in r.timings.items()}
         with r.phase("publish"):

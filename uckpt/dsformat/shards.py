@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import constants as C
 from ..errors import CheckpointError, UnsupportedCheckpointError
-from ..torchsave.reader import FileDescriptors, FileTensor, open_lazy
+from ..torchsave.reader import FileDescriptors, FileTensor, open_lazy, verify_crc
 from ..regions import Kind, Source, SourceKind
 from .checked import Checked
 from .files import Family
@@ -150,6 +150,16 @@ def _group_states(c: Checked, state: Dict[str, Any], where: str, g: int) \
 def _value(v):
     """A small tensor (the step) read into memory: it travels in the metadata and is written as ``step.pt``."""
     return v.to_data() if isinstance(v, FileTensor) else v
+
+
+def check_integrity(path: str) -> int:
+    """Every record of a shard file against its CRC-32 (one streamed pass); the bytes checked."""
+    try:
+        return verify_crc(path)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"is damaged: {(str(exc).splitlines() or [''])[0][:200]}", path,
+                              "copy the file again from the training job's save directory, or use an earlier tag") \
+            from None
 
 
 def optim_meta(sd: Dict[str, Any], path: str, family: Family) -> OptimMeta:
