@@ -60,6 +60,8 @@ class ConvertConfig:
     strict: bool = opt(True, "warn instead of failing on unused patterns", flag="no_strict", action="store_false")
     overwrite: bool = opt(False, "replace an existing output folder (a Universal checkpoint only)")
     wait_for_lock: bool = opt(False, "wait while another conversion writes the same output, instead of failing")
+    restart: bool = opt(False, "start over: discard the partial output of a conversion that died, instead of "
+                               "resuming it")
     verify_crc: bool = opt(True, "skip the CRC-32 check of every input record (faster; damaged bytes then go "
                                  "unnoticed, as with DeepSpeed's converter)", flag="no_verify_crc", action="store_false")
     dry_run: bool = opt(False, "print the plan, write nothing", flag="dry-run", aliases=["--dry_run"])

@@ -250,3 +250,34 @@ def test_damaged_bytes_fail_their_crc(copy_tag, tmp_path, capsys, name, file):
     rc, _, err = _run(capsys, "convert", "--input_folder", tag, "--output_folder", str(out), "--inject_missing_state",
                       "--quiet", "--no_verify_crc")
     assert rc == 0, err
+
+
+def test_a_rank_killed_midway_publishes_nothing_and_the_rerun_resumes(store, tmp_path):
+    """SIGKILL one rank of a 2-rank torchrun conversion after it wrote some parameters: the job ends
+    non-zero well within the collective timeout, torchrun names the lost rank, nothing is published.
+    The same command again resumes the partial folder, reuses what the dead run wrote intact, and its
+    output equals an uninterrupted conversion."""
+    import time
+
+    from examples import runner
+    from uckpt.tools.compare import compare_universal
+
+    tag = store.tag("z2-bf16-dp4")
+    out = str(tmp_path / "ckpts" / "universal")
+    args = ["convert", "--input_folder", tag, "--output_folder", out, "--inject_missing_state", "--quiet",
+            "--memory_budget_mb", "0", "--timeout_s", "60"]  # one parameter per wave: several flushes
+    job = os.path.join(os.path.dirname(__file__), "jobs", "killed_convert.py")
+    t0 = time.monotonic()
+    proc = runner.run(runner.torchrun_cmd(2, [job, *args]), check=False, timeout=300,
+                      extra_env={"KILL_RANK": "1", "KILL_AFTER": "2"})
+    assert proc.returncode != 0 and time.monotonic() - t0 < 120
+    assert "rank: 1" in proc.stdout and ("SIGKILL" in proc.stdout or "exitcode  : -9" in proc.stdout), proc.stdout
+    assert not os.path.exists(out) and len(partial_folders(out)) == 1
+    assert not os.path.exists(os.path.join(os.path.dirname(out), "latest_universal"))
+    left = partial_folders(out)[0]
+    runner.uckpt_convert(2, tag, out, "--inject_missing_state", "--quiet", "--memory_budget_mb", "0")
+    report = uckpt_report(out)
+    assert report["resumed"]["from"] == left
+    assert 1 <= report["resumed"]["params_reused"] < report["checkpoint"]["params"]
+    assert partial_folders(out) == [] and not os.path.exists(os.path.join(out, ".uckpt-resume"))
+    assert compare_universal(out, store.uckpt_universal("z2-bf16-dp4", 2)) == []

@@ -73,3 +73,40 @@ def test_files_are_synced_and_the_rename_made_durable(tmp_path, monkeypatch):
                        str(final.parent)]
     assert open(latest).read() == "u" and sorted(os.listdir(final.parent)) == ["latest_universal", "u", "u.uckpt-lock"]
     assert (final / "zero" / "w" / "fp32.pt").exists()
+
+
+def _crashed_run(final, key):
+    """A run that wrote parameter ``w`` and then died (no abort: its partial folder and manifest stay)."""
+    out = output.OutputFolder(str(final), run_id="dead")
+    out.prepare(key)
+    out.write_param("w", _states())
+    out.flush()
+    out._pool.shutdown()
+    out._manifest.close()
+    os.close(out._lock_fd)  # the process is gone: its lock with it
+    return out.partial
+
+
+def test_a_rerun_adopts_the_dead_runs_partial_folder_and_trusts_only_intact_files(tmp_path):
+    key = {"input": "x", "files": [["a", 1, 2]]}
+    dead = _crashed_run(tmp_path / "u", key)
+    out = output.OutputFolder(str(tmp_path / "u"), run_id="next")
+    assert out.prepare(key) == dead and not os.path.exists(dead)
+    assert out.reusable(["w", "v"]) == {"w"}
+    with open(os.path.join(out.zero, "w", "fp32.pt"), "r+b") as f:  # a byte of it damaged since
+        f.seek(os.path.getsize(f.name) - 30)
+        f.write(b"\xff")
+    assert out.reusable(["w"]) == set()
+    out.abort()
+    out.close()
+
+
+@pytest.mark.parametrize("restart,other_input", [(True, False), (False, True)])
+def test_restart_or_another_input_starts_afresh(tmp_path, restart, other_input):
+    key = {"input": "x"}
+    dead = _crashed_run(tmp_path / "u", key)
+    out = output.OutputFolder(str(tmp_path / "u"), run_id="next")
+    assert out.prepare({"input": "y"} if other_input else key, restart=restart) is None
+    assert not os.path.exists(dead) and out.reusable(["w"]) == set()
+    out.abort()
+    out.close()

@@ -8,18 +8,22 @@ import ctypes
 import ctypes.util
 import fcntl
 import glob
+import io
+import json
 import os
 import shutil
 import socket
 import threading
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from ..dsformat import constants as C
 from ..torchsave import direct as directio
 from ..torchsave import writer as tsave
+from ..torchsave.reader import records_crcs, verify_crc
 from ..dsformat.universal import check_name, looks_converted
-from ..errors import OutputError
+from ..errors import OutputError, UckptError
 
 
 def normalise(path: str) -> str:
@@ -49,6 +53,8 @@ def check_paths(input_folder: str, output_folder: str, overwrite: bool):
 
 
 LOCK_SUFFIX = ".uckpt-lock"  # <output><suffix>: the file a writing run holds locked
+RESUME_FOLDER = ".uckpt-resume"  # inside a partial folder: what a rerun needs to resume it (removed on publish)
+RESUME_KEY_FILE = "key.json"
 THREADED_WRITE_BYTES = 4 << 20  # a file holding this many tensor bytes streams from a writer thread
 BATCH_BYTES = 64 << 20  # serialised small files wait for at most about this many bytes
 
@@ -57,8 +63,13 @@ class OutputSink:
     """Where a conversion's files go: the seam between the exchange and storage. Every rank writes the
     parameters it owns and the files it was given; rank 0 then publishes the whole output at once."""
 
-    def prepare(self):
-        """Rank 0, before any rank writes: make the (still invisible) output ready."""
+    def prepare(self, resume_key: Optional[Dict[str, Any]] = None, restart: bool = False) -> Optional[str]:
+        """Rank 0, before any rank writes: make the (still invisible) output ready; returns what it
+        resumed (the partial output of a run that died, matching ``resume_key``), or None."""
+
+    def reusable(self, names: Iterable[str]) -> Set[str]:
+        """Of ``names``, the parameters already written intact by the run that ``prepare`` resumed."""
+        return set()
 
     def write_param(self, name: str, states: Dict[str, Any]):
         """One parameter's folder: ``{state: payload}`` (``fp32``, ``exp_avg``, ``exp_avg_sq``, ``step``)."""
@@ -79,8 +90,8 @@ class OutputSink:
         """Rank 0, once every rank flushed: make the output visible as a whole; returns what points at it."""
         raise NotImplementedError
 
-    def abort(self):
-        """Rank 0, on failure: remove what was written."""
+    def abort(self, keep: bool = False):
+        """Rank 0, on failure: remove what was written (``keep``: unless a rerun can resume it)."""
 
     def sync(self):
         """Every rank, after :meth:`flush`: what it wrote is durable."""
@@ -108,7 +119,11 @@ class OutputFolder(OutputSink):
         self.lock_path = self.final + LOCK_SUFFIX
         self.zero = os.path.join(self.partial, C.UNIVERSAL_ZERO_FOLDER)
         self.overwrite, self.wait_for_lock = overwrite, wait_for_lock
+        self.resume = os.path.join(self.partial, RESUME_FOLDER)
         self._lock_fd = None
+        self._written: Dict[str, Tuple[int, int]] = {}  # path -> (bytes, records digest), once written
+        self._params: List[Tuple[str, List[str]]] = []  # parameters whose files are queued, not yet recorded
+        self._manifest = None  # this rank's manifest file, opened on first use
         self._threads = max(1, io_threads)
         self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="uckpt-write")
         self._pending: List[Future] = []
@@ -118,8 +133,11 @@ class OutputFolder(OutputSink):
         self.files_written = 0
 
     # rank 0 only -------------------------------------------------------------------------
-    def prepare(self):
-        """Take the output's lock, check the output again under it, clear partial folders of dead runs."""
+    def prepare(self, resume_key: Optional[Dict[str, Any]] = None, restart: bool = False) -> Optional[str]:
+        """Take the output's lock, check the output again under it, and adopt the partial folder of a
+        run that died converting the same input with the same options (``resume_key``), unless
+        ``restart``; other partial folders of dead runs are removed. Returns the adopted folder's old
+        name, or None when this run starts afresh."""
         self._lock()
         if os.path.lexists(self.final) and not self.overwrite:
             raise OutputError("was published by another run while this one started", self.final,
@@ -127,10 +145,36 @@ class OutputFolder(OutputSink):
         if os.path.lexists(self.final) and not looks_converted(self.final):
             raise OutputError("exists and is not a Universal checkpoint; --overwrite replaces only a Universal "
                               "checkpoint", self.final, "choose another output folder, or move this one away yourself")
-        for stale in glob.glob(glob.escape(self.final + C.PARTIAL_SUFFIX) + "*"):
-            if os.path.isdir(stale) and not os.path.islink(stale):
-                shutil.rmtree(stale)  # a run that died while holding this lock left it; nobody writes it now
-        os.makedirs(self.zero)
+        adopted = None
+        stale = [p for p in glob.glob(glob.escape(self.final + C.PARTIAL_SUFFIX) + "*")
+                 if os.path.isdir(p) and not os.path.islink(p)]  # runs that died holding this lock left them
+        for old in sorted(stale, key=os.path.getmtime, reverse=True):
+            if adopted is None and not restart and resume_key is not None and _resume_key(old) == resume_key:
+                os.rename(old, self.partial)
+                adopted = old
+            else:
+                shutil.rmtree(old)
+        if adopted is None:
+            os.makedirs(self.zero)
+        os.makedirs(self.resume, exist_ok=True)
+        if resume_key is not None:
+            _write_json(os.path.join(self.resume, RESUME_KEY_FILE), resume_key)
+        return adopted
+
+    def reusable(self, names: Iterable[str]) -> Set[str]:
+        """Of ``names``, the parameters an earlier run of this partial folder recorded as complete whose
+        files all still hold what was recorded: their sizes, the digests of their records, and every
+        record's bytes against its CRC-32."""
+        recorded: Dict[str, Dict[str, List[int]]] = {}
+        for path in glob.glob(os.path.join(glob.escape(self.resume), "manifest-*.jsonl")):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                        recorded[check_name(entry["param"], "parameter name")] = dict(entry["files"])
+                    except (ValueError, KeyError, TypeError, UckptError):
+                        continue  # a torn last line, or not ours: that parameter is written again
+        return {name for name in names if name in recorded and _intact(self.partial, recorded[name])}
 
     def _lock(self):
         os.makedirs(os.path.dirname(self.final), exist_ok=True)
@@ -152,6 +196,7 @@ class OutputFolder(OutputSink):
 
     def finish(self) -> str:
         """Move the complete, synced partial folder into place and point ``latest_universal`` at it."""
+        shutil.rmtree(self.resume, ignore_errors=True)
         _fsync_dir(self.partial)
         old = None
         if os.path.lexists(self.final):  # a Universal checkpoint (checked under the lock), replaced
@@ -175,13 +220,16 @@ class OutputFolder(OutputSink):
         self._unlock()
         return latest
 
-    def abort(self):
+    def abort(self, keep: bool = False):
+        """Remove the partial folder; with ``keep`` (the run was cut short, not refused: a lost rank, an
+        interrupt) leave it for a rerun to resume when some parameter was recorded complete."""
         self._batch, self._batch_bytes = [], 0  # not written yet: nothing to wait for
         try:
             self.flush()
         except BaseException:  # noqa: BLE001 - already failing; the folder goes anyway
             pass
-        if self._lock_fd is not None:  # only the run holding the lock made this partial folder
+        recorded = glob.glob(os.path.join(glob.escape(self.resume), "manifest-*.jsonl"))
+        if self._lock_fd is not None and not (keep and recorded):  # only the lock holder made this folder
             shutil.rmtree(self.partial, ignore_errors=True)
         self._unlock()
 
@@ -199,7 +247,23 @@ class OutputFolder(OutputSink):
     def write_param(self, name: str, states: Dict[str, Any]):
         """One parameter folder ``zero/<name>/`` with one ``<state>.pt`` per entry of ``states``."""
         folder = os.path.join(self.zero, check_name(name, "parameter name"))
-        self._add(folder, {os.path.join(folder, state + C.STATE_FILE_SUFFIX): obj for state, obj in states.items()})
+        files = {os.path.join(folder, state + C.STATE_FILE_SUFFIX): obj for state, obj in states.items()}
+        self._params.append((name, list(files)))
+        self._add(folder, files)
+
+    def _record_done(self):
+        """Append the parameters whose files are all written to this rank's manifest (a rerun after a
+        crash trusts only these, after checking them: see :meth:`reusable`)."""
+        done = [(name, paths) for name, paths in self._params if all(p in self._written for p in paths)]
+        if not done or not os.path.isdir(self.resume):
+            return
+        self._params = [(name, paths) for name, paths in self._params if not all(p in self._written for p in paths)]
+        if self._manifest is None:
+            self._manifest = open(os.path.join(self.resume, f"manifest-{self.run_id}-{os.getpid()}.jsonl"), "a")
+        for name, paths in done:
+            files = {os.path.relpath(p, self.partial): list(self._written[p]) for p in paths}
+            self._manifest.write(json.dumps({"param": name, "files": files}) + "\n")
+        self._manifest.flush()
 
     def _add(self, folder: str, files: Dict[str, Any]):
         """Large files stream from a writer thread (their time goes to ``write``, which overlaps the
@@ -208,9 +272,9 @@ class OutputFolder(OutputSink):
         if sum(tsave.payload_bytes(obj) for obj in files.values()) >= THREADED_WRITE_BYTES:
             self._pending.append(self._pool.submit(_save_files, folder, files))
             return
-        images = {path: tsave.to_bytes(obj, path) for path, obj in files.items()}
+        images = {path: _image(obj, path) for path, obj in files.items()}
         self._batch.append((folder, images))
-        self._batch_bytes += sum(len(b) for b in images.values())
+        self._batch_bytes += sum(len(b) for b, _ in images.values())
         if self._batch_bytes >= BATCH_BYTES:
             self._write_batch()
 
@@ -248,9 +312,10 @@ class OutputFolder(OutputSink):
         first = None
         for fut in pending:
             try:
-                nbytes, nfiles = fut.result()
-                self.bytes_written += nbytes
-                self.files_written += nfiles
+                for path, nbytes, digest in fut.result():
+                    self.bytes_written += nbytes
+                    self.files_written += 1
+                    self._written[path] = (nbytes, digest)
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 first = first or exc
         if isinstance(first, OSError):  # a full disk, a quota, a read-only or vanished folder: say so in one line
@@ -260,17 +325,24 @@ class OutputFolder(OutputSink):
                 from first
         if first is not None:
             raise first
+        self._record_done()
 
     def close(self):
         self._pool.shutdown(wait=True)
+        if self._manifest is not None:
+            self._manifest.close()
+            self._manifest = None
         self._unlock()
 
 
-def _save_files(folder: str, files: Dict[str, Any]) -> Tuple[int, int]:
-    """Create ``folder`` and write ``{path: object}`` (the ``torch.save`` format, see :mod:`uckpt.tsave`),
-    streaming; returns the bytes and files written, which the report counts."""
+Written = List[Tuple[str, int, int]]  # (path, bytes, records digest) of each file a writer made
+
+
+def _save_files(folder: str, files: Dict[str, Any]) -> Written:
+    """Create ``folder`` and write ``{path: object}`` (the ``torch.save`` format, see
+    :mod:`uckpt.torchsave.writer`), streaming."""
     os.makedirs(folder, exist_ok=True)
-    return sum(_save(obj, path) for path, obj in files.items()), len(files)
+    return [(path, *_save(obj, path)) for path, obj in files.items()]
 
 
 class _Progress:
@@ -296,7 +368,7 @@ class _Progress:
             return self.count > i
 
 
-def _make_folders(folders: List[str], made: _Progress) -> Tuple[int, int]:
+def _make_folders(folders: List[str], made: _Progress) -> Written:
     try:
         for folder in folders:
             os.makedirs(folder, exist_ok=True)
@@ -304,32 +376,40 @@ def _make_folders(folders: List[str], made: _Progress) -> Tuple[int, int]:
     except BaseException:
         made.fail()
         raise
-    return 0, 0
+    return []
 
 
-def _write_images(batch: List[Tuple[str, Dict[str, bytes]]], items, made: _Progress) -> Tuple[int, int]:
+def _write_images(batch: List[Tuple[str, Dict[str, Tuple[bytes, int]]]], items, made: _Progress) -> Written:
     """Write the files of ``batch[i]`` for each ``i`` of ``items`` from their serialised bytes, once its
-    folder exists; returns the bytes and files written."""
-    nbytes = nfiles = 0
+    folder exists."""
+    out = []
     for i in items:
         if not made.wait_for(i):
             break  # the folder thread failed; it reports why
-        for path, data in batch[i][1].items():
-            nbytes += _write_image(path, data)
-            nfiles += 1
-    return nbytes, nfiles
+        for path, (data, digest) in batch[i][1].items():
+            out.append((path, _write_image(path, data), digest))
+    return out
 
 
-def _save(obj: Any, path: str) -> int:
-    return tsave.save(obj, path)
+def _save(obj: Any, path: str) -> Tuple[int, int]:
+    return tsave.save_recorded(obj, path)
+
+
+def _image(obj: Any, path: str) -> Tuple[bytes, int]:
+    """A small file's bytes and records digest, serialised now and written later in a batch."""
+    data = tsave.to_bytes(obj, path)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        crcs = [i.CRC for i in sorted(zf.infolist(), key=lambda i: i.header_offset)]
+    return data, tsave.records_digest(crcs)
 
 
 def _write_image(path: str, data: bytes) -> int:
     return tsave.write_bytes(path, data)
 
 
-def _copy(src: str, folder: str) -> Tuple[int, int]:
-    return directio.copy_file(src, os.path.join(folder, os.path.basename(src))), 1
+def _copy(src: str, folder: str) -> Written:
+    dst = os.path.join(folder, os.path.basename(src))
+    return [(dst, directio.copy_file(src, dst), 0)]
 
 
 def _fsync_dir(path: str):
@@ -356,3 +436,31 @@ def _syncfs(path: str):
             raise OSError(err, f"syncfs: {os.strerror(err)}", path)
     finally:
         os.close(fd)
+
+
+def _write_json(path: str, value: Any):
+    with open(path, "w") as f:
+        json.dump(value, f, sort_keys=True)
+
+
+def _resume_key(partial: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(os.path.join(partial, RESUME_FOLDER, RESUME_KEY_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _intact(partial: str, files: Dict[str, List[int]]) -> bool:
+    """Every file of a recorded parameter is as recorded (see :meth:`OutputFolder.reusable`)."""
+    try:
+        for rel, (size, digest) in files.items():
+            path = os.path.join(partial, rel)
+            if os.path.relpath(os.path.realpath(path), os.path.realpath(partial)).startswith(".."):
+                return False  # a manifest is ours, but a path in it never leaves the folder
+            if os.path.getsize(path) != size or tsave.records_digest(records_crcs(path)) != digest:
+                return False
+            verify_crc(path)
+    except (OSError, ValueError, zipfile.BadZipFile, TypeError):
+        return False
+    return True

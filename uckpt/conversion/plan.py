@@ -5,8 +5,8 @@ Pure functions of plain data, in the spirit of ``torch.distributed.checkpoint`` 
 I/O, no collectives, deterministic, so every rank computes the same plan and the arithmetic is
 unit-testable without processes.
 """
-from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Sequence, Set, Tuple
 
 from ..dsformat.constants import TENSOR_STATES
 from ..dsformat.index import CheckpointIndex
@@ -93,6 +93,17 @@ class ConvertPlan:
     copy_writers: Dict[int, int]  # model source index -> rank that copies it
     waves: List[Wave]
     budget_bytes: int
+
+    def without(self, done: Set[int]) -> "ConvertPlan":
+        """The plan less the parameters in ``done`` (written by an earlier run that died): their
+        fragments are neither read, sent nor written again."""
+        waves = []
+        for w in self.waves:
+            params = [p for p in w.params if p not in done]
+            if params:
+                sends = {k: [(p, f) for p, f in v if p not in done] for k, v in w.sends.items()}
+                waves.append(Wave(params, {k: v for k, v in sends.items() if v}))
+        return replace(self, waves=waves)
 
     def rank_summary(self, index: CheckpointIndex) -> List[Dict[str, int]]:
         rows = []

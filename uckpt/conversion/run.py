@@ -14,13 +14,14 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Set
+from typing import Any, Dict, List, Optional, Set
 
 from .. import __version__
 from ..dsformat import constants as C
 from ..dsformat.files import CheckpointFiles, discover
 from ..dsformat.index import CheckpointIndex, build_index
 from ..dsformat.shards import check_integrity, load_shard, source_meta
+from ..errors import UckptError
 from ..options import ConvertConfig
 from ..torchsave.reader import EXPECTED_STAND_INS
 from ..torchsave.stats import IO
@@ -43,6 +44,7 @@ class _Run:
     opened: List[str] = field(default_factory=list)  # shard files this rank read
     unknown_globals: Set[str] = field(default_factory=set)  # read as inert stand-ins (every rank's)
     crc_bytes: int = 0  # input bytes this rank checked against their CRC-32
+    resumed: Optional[Dict[str, Any]] = None  # the dead run's partial folder this one finished, and what it reused
     read_bytes: int = 0
 
     def phase(self, name: str) -> Phase:
@@ -77,15 +79,17 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
         report["ranks"] = comm.all_gather_object(reportmod.rank_io(comm.rank, r.opened, r.read_bytes,
                                                                    out.bytes_written, out.files_written,
                                                                    IO.since(io_start), r.crc_bytes))
+        if r.resumed:
+            report["resumed"] = r.resumed
         r.timings["total"] = time.monotonic() - t_start
         report["timings_s"] = {k: round(v, 4) for k, v in r.timings.items()}
         with r.phase("publish"):
             if comm.rank == 0:
                 reportmod.write(out.partial, report, cfg)
                 report["latest_universal"] = out.finish()
-    except BaseException:
-        if comm.rank == 0:
-            out.abort()
+    except BaseException as exc:
+        if comm.rank == 0:  # a refusal removes the partial folder; a run cut short leaves it to be resumed
+            out.abort(keep=not isinstance(exc, UckptError))
         raise
     finally:
         out.close()
@@ -135,11 +139,40 @@ def _plan(r: _Run, files: CheckpointFiles, metas):
     return index, plan
 
 
+def _resume_key(cfg: ConvertConfig, files: CheckpointFiles) -> Dict[str, Any]:
+    """What must be unchanged for a rerun to trust files an earlier run of the same command wrote: the
+    input files (by name, size and modification time), the options that change the output, uckpt."""
+    return {"uckpt": __version__, "input": os.path.abspath(cfg.input_folder),
+            "files": [[os.path.basename(s.path), s.nbytes, os.stat(s.path).st_mtime_ns] for s in files.sources],
+            "inject_missing_state": cfg.inject_missing_state, "strict": cfg.strict}
+
+
+def _resume(r: _Run, index: CheckpointIndex, plan: ConvertPlan, out: OutputSink, adopted) -> ConvertPlan:
+    """After a crash: the parameters the dead run wrote, checked by their owners, are not converted again."""
+    if adopted is None:
+        return plan
+    aliases_of: Dict[str, List[str]] = {}
+    for alias, canonical in index.aliases.items():
+        aliases_of.setdefault(canonical, []).append(alias)
+    with r.phase("resume"):
+        mine = [p.name for i, p in enumerate(index.params) if plan.owners[i] == r.comm.rank]
+        intact = out.reusable(mine + [a for name in mine for a in aliases_of.get(name, ())])
+        ok = [name for name in mine if name in intact and all(a in intact for a in aliases_of.get(name, ()))]
+    done = {name for part in r.comm.all_gather_object(ok) for name in part}
+    indices = {i for i, p in enumerate(index.params) if p.name in done}
+    r.resumed = {"from": adopted, "params_reused": len(indices)}
+    r.progress.log(f"resuming {adopted}: {len(indices)} of {len(index.params)} parameters already written and intact")
+    r.progress.update(len(indices), sum(param_bytes(index.params[i].numel) for i in indices))
+    return plan.without(indices)
+
+
 def _write(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, source: FragmentSource, out: OutputSink):
     rank = r.comm.rank
+    adopted = None
     with r.phase("prepare_output"):
         if rank == 0:
-            out.prepare()
+            adopted = out.prepare(_resume_key(r.cfg, index.files), r.cfg.restart)
+    plan = _resume(r, index, plan, out, r.comm.all_gather_object(adopted)[0])
     r.progress.log(f"ZeRO-{index.zero_stage} checkpoint, dp={index.dp_degree}: {len(index.params)} parameters, "
                    f"{len(plan.waves)} wave(s)")
     _model_files(r, index, plan, shards, out)  # independent of the rest: they overlap it

@@ -340,6 +340,12 @@ def _open_zip(path: str, stand_ins: Optional[Set[str]]) -> Any:
     return Unpickler(io.BytesIO(data)).load()
 
 
+def records_crcs(path: str) -> List[int]:
+    """The CRC-32 of each record, in file order, as the zip's central directory holds them (no data read)."""
+    with zipfile.ZipFile(path) as zf:
+        return [info.CRC for info in sorted(zf.infolist(), key=lambda i: i.header_offset)]
+
+
 def verify_crc(path: str, chunk: int = 16 << 20) -> int:
     """Check every record of a ``torch.save`` zip against the CRC-32 its central directory holds,
     streaming each record once; returns the bytes checked. A legacy (non-zip) file has no CRCs: 0."""

@@ -275,8 +275,9 @@ _IDS = itertools.count()
 _ID_BASE = int.from_bytes(os.urandom(8), "little")
 
 
-def _write_zip(obj: Any, stem: str, sink) -> int:
-    """The whole file for ``obj`` into ``sink`` (anything with ``write``); returns its size."""
+def _write_zip(obj: Any, stem: str, sink) -> Tuple[int, int]:
+    """The whole file for ``obj`` into ``sink`` (anything with ``write``); returns its size and
+    :func:`records_digest`."""
     pickler = _Pickler()
     pkl = pickler.dumps(obj)
     records = [(F.DATA_PKL, len(pkl), lambda: [pkl]),
@@ -296,7 +297,13 @@ def _write_zip(obj: Any, stem: str, sink) -> int:
     for name, size, chunks in records:
         z.record(f"{stem}/{name}", size, chunks())
     z.finish()
-    return z.pos
+    return z.pos, records_digest(crc for _, _, _, crc in z.entries)
+
+
+def records_digest(crcs) -> int:
+    """A file's checksum from its records' CRC-32s, in order: what a resumed conversion compares (with
+    each record checked against its CRC) to trust a file an earlier run wrote."""
+    return zlib.crc32(b"".join(struct.pack("<I", c) for c in crcs))
 
 
 def _stem(path: str) -> str:
@@ -315,14 +322,19 @@ def _created(path: str):
 
 def save(obj: Any, path: str) -> int:
     """Write ``obj`` to ``path`` as ``torch.save(obj, path)`` would, streaming; returns the file's size."""
+    return save_recorded(obj, path)[0]
+
+
+def save_recorded(obj: Any, path: str) -> Tuple[int, int]:
+    """:func:`save`, returning the file's size and :func:`records_digest`."""
     with _created(path) as fd:
         sink = directio.Sink(fd, path)
         try:
-            size = _write_zip(obj, _stem(path), sink)
+            recorded = _write_zip(obj, _stem(path), sink)
             sink.flush()
         finally:
             sink.close()
-    return size
+    return recorded
 
 
 def to_bytes(obj: Any, path: str) -> bytes:
@@ -339,4 +351,4 @@ def write_bytes(path: str, data) -> int:
     return len(data)
 
 
-__all__ = ["save", "to_bytes", "write_bytes", "payload_bytes"]
+__all__ = ["save", "save_recorded", "records_digest", "to_bytes", "write_bytes", "payload_bytes"]
