@@ -166,10 +166,15 @@ WRONG_TYPES = [
     ("z3-bf16-dp2", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
      lambda sd: sd["optimizer_state_dict"].__setitem__("fp32_flat_groups", ["x"]),
      "fp32_flat_groups[0]: is a str, not a tensor"),
+    # where a value uckpt needs sits inside a stand-in, the error names its global
+    ("z3-bf16-dp2", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+     lambda sd: sd["optimizer_state_dict"]["fp32_flat_groups"].__setitem__(0, Payload("/nonexistent/ran")),
+     "fp32_flat_groups[0]: is a stand-in for posix.system, not a tensor"),
 ]
 
 
-@pytest.mark.parametrize("name,file,edit,message", WRONG_TYPES, ids=[m.split(":")[0] for *_, m in WRONG_TYPES])
+@pytest.mark.parametrize("name,file,edit,message", WRONG_TYPES, ids=[f"{i}-{m.split(':')[0]}" for i, (*_, m) in
+                                                                      enumerate(WRONG_TYPES)])
 def test_values_of_the_wrong_type_name_the_file_and_key(copy_tag, tmp_path, capsys, name, file, edit, message):
     tag = copy_tag(name)
     path = os.path.join(tag, file)

@@ -61,7 +61,10 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
     shards, metas = _read_metadata(r, files)
     if cfg.verify_crc and not cfg.dry_run:
         with r.phase("verify_crc"):  # damaged bytes are an error naming the file, never a published folder
-            r.crc_bytes = sum(check_integrity(path) for path in r.opened)
+            # the shards this rank read, and its share of the files no rank reads (pipeline layer and
+            # per-expert files): a damaged one means a damaged checkpoint all the same
+            unread = sorted(files.layer_files + files.expert_files)[comm.rank::comm.world_size]
+            r.crc_bytes = sum(check_integrity(path) for path in r.opened + unread)
     index, plan = _plan(r, files, metas)
     report = reportmod.header(cfg, index, plan, comm.backend)
     report["unknown_globals"] = sorted(r.unknown_globals)

@@ -353,8 +353,14 @@ def verify_crc(path: str, chunk: int = 16 << 20) -> int:
         try:
             zf = zipfile.ZipFile(raw)
         except zipfile.BadZipFile:
-            return 0
-        records = _records(zf, raw)
+            if _legacy(raw):
+                return 0
+            raise F.FormatError("is not a torch.save file (neither a zip archive nor torch's legacy format)") \
+                from None
+        try:
+            records = _records(zf, raw)
+        except _Unsupported as exc:
+            raise F.FormatError(f"record {exc} is compressed or has a damaged header") from None
         infos = zf.infolist()
     fd = os.open(path, os.O_RDONLY)
     checked = 0
