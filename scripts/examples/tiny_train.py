@@ -138,7 +138,10 @@ def load(engine, args):
     if args.loader == "uckpt":
         import uckpt
 
-        info.update(uckpt.load_into_engine(engine, args.load_dir, tag=args.load_tag)["uckpt"])
+        client = uckpt.load_into_engine(engine, args.load_dir, tag=args.load_tag,
+                                        trust_checkpoint=getattr(args, "trust_checkpoint", False))
+        info.update(client.pop("uckpt"))
+        info["client_types"] = {k: f"{type(v).__module__}.{type(v).__qualname__}" for k, v in client.items()}
     else:
         engine.load_checkpoint(args.load_dir, tag=args.load_tag)
     info["rchar"] = _rchar() - before
@@ -155,6 +158,8 @@ def add_job_args(ap):
     ap.add_argument("--load-tag", default=None)
     ap.add_argument("--loader", choices=["deepspeed", "uckpt"], default="deepspeed",
                     help="resume with engine.load_checkpoint (deepspeed) or uckpt.load_into_engine")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="with --loader uckpt: unpickle the client state fully (UNSAFE on files from elsewhere)")
     ap.add_argument("--dump-state", help="write full fp32/moments/step after start-up (rank 0)")
     ap.add_argument("--report", help="write a JSON report of the losses (rank 0)")
 

@@ -286,3 +286,24 @@ def test_a_rank_killed_midway_publishes_nothing_and_the_rerun_resumes(store, tmp
     assert 1 <= report["resumed"]["params_reused"] < report["checkpoint"]["params"]
     assert partial_folders(out) == [] and not os.path.exists(os.path.join(out, ".uckpt-resume"))
     assert compare_universal(out, store.uckpt_universal("z2-bf16-dp4", 2)) == []
+
+
+def test_the_loader_returns_unknown_client_objects_inert_unless_trusted(store, tmp_path):
+    """The client state of a model file (keys DeepSpeed does not consume) may hold any object: the
+    loader returns it as an inert stand-in; ``trust_checkpoint=True`` unpickles it for real."""
+    import datetime
+    import json
+    import shutil
+
+    from examples import runner
+
+    root = tmp_path / "ckpts"
+    shutil.copytree(store.uckpt_universal("z2-bf16-dp4", 1), root / "universal")
+    (root / "latest_universal").write_text("universal")
+    _plant(str(root / "universal" / "mp_rank_00_model_states.pt"), "when", datetime.date(2026, 11, 29))
+    for trust, expected in ((False, "uckpt.torchsave.format.date"), (True, "datetime.date")):
+        report = str(tmp_path / f"r{trust}.json")
+        runner.train(2, "--zero-stage", "2", "--dtype", "bf16", "--steps", "1", "--load-dir", str(root),
+                     "--loader", "uckpt", "--report", report, *(["--trust-checkpoint"] if trust else []))
+        with open(report + ".load0.json") as f:
+            assert json.load(f)["client_types"]["when"] == expected
