@@ -26,6 +26,7 @@ import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))
 from examples import runner  # noqa: E402
 
 BENCH = {
@@ -53,12 +54,7 @@ SERIALIZATION_ID = ".data/serialization_id"
 def tag_folder(ckpts: str, case: str) -> str:
     """The case's checkpoint tag folder, trained once with real DeepSpeed."""
     module, nproc, args = CASES[case]
-    save = os.path.join(ckpts, case)
-    if not os.path.exists(os.path.join(save, "latest")):
-        print(f"training {case} ...", flush=True)
-        runner.train(nproc, *args, "--save-dir", save, module=module, timeout=3600)
-    with open(os.path.join(save, "latest")) as f:
-        return os.path.join(save, f.read().strip())
+    return runner.cached_checkpoint(os.path.join(ckpts, case), nproc, args, module)
 
 
 def convert(tree: str, ckpts: str, out: str, cases):
@@ -81,27 +77,27 @@ def convert(tree: str, ckpts: str, out: str, cases):
 def _id_spans(path: str):
     """Byte ranges of a torch.save file that hold its serialization id: the record's data and the two
     copies of its CRC-32 (data descriptor and central directory); None if the file has no such record."""
+    from uckpt.torchsave.reader import record_spans
+
     try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
+        spans = record_spans(path)
+        start_dir = zipfile.ZipFile(path).start_dir
+    except (zipfile.BadZipFile, ValueError, OSError):
         return None
-    with zf, open(path, "rb") as f:
+    name = next((n for n in spans if n.endswith(SERIALIZATION_ID)), None)
+    if name is None:
+        return None
+    with open(path, "rb") as f:
         raw = f.read()
-    for info in zf.infolist():
-        if not info.filename.endswith(SERIALIZATION_ID):
-            continue
-        name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)
-        start = info.header_offset + 30 + name_len + extra_len
-        end = start + info.file_size
-        spans = [(start, end), (end + 4, end + 8)]  # data, then the descriptor's CRC (after its signature)
-        pos = zf.start_dir
-        while raw[pos:pos + 4] == b"PK\x01\x02":  # the central directory: one entry per record
-            n, e, c = struct.unpack_from("<HHH", raw, pos + 28)
-            if raw[pos + 46:pos + 46 + n].decode() == info.filename:
-                spans.append((pos + 16, pos + 20))
-            pos += 46 + n + e + c
-        return spans
-    return None
+    start, size = spans[name]
+    out = [(start, start + size), (start + size + 4, start + size + 8)]  # data, then the descriptor's CRC
+    pos = start_dir
+    while raw[pos:pos + 4] == b"PK\x01\x02":  # the central directory: one entry per record
+        n, e, c = struct.unpack_from("<HHH", raw, pos + 28)
+        if raw[pos + 46:pos + 46 + n].decode() == name:
+            out.append((pos + 16, pos + 20))
+        pos += 46 + n + e + c
+    return out
 
 
 def _masked(data: bytes, spans) -> bytes:

@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -54,12 +53,7 @@ ERROR_KINDS = [  # (kind, pattern of the message), first match wins
 
 def base_tag(name: str, root: str) -> str:
     module, nproc, args = BASES[name]
-    save = os.path.join(root, name)
-    if not os.path.exists(os.path.join(save, "latest")):
-        print(f"training {name} with DeepSpeed ...", flush=True)
-        runner.train(nproc, *args, "--save-dir", save, module=module, timeout=1800)
-    with open(os.path.join(save, "latest")) as f:
-        return os.path.join(save, f.read().strip())
+    return runner.cached_checkpoint(os.path.join(root, name), nproc, args, module)
 
 
 def fingerprint(folder: str):
@@ -78,25 +72,17 @@ def _files(tag):
     return sorted(f for f in os.listdir(tag) if f.endswith(".pt"))
 
 
-def _record(path, rng, pick):
-    with zipfile.ZipFile(path) as zf:
-        infos = [i for i in zf.infolist() if pick(i.filename) and i.file_size]
-    info = rng.choice(infos)
-    with open(path, "rb") as f:
-        f.seek(info.header_offset + 26)
-        n, e = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
-    return info, info.header_offset + 30 + n + e
-
-
 def _flip(path, rng, pick):
-    info, start = _record(path, rng, pick)
-    at = start + rng.randrange(info.file_size)
+    from uckpt.torchsave.reader import record_spans
+
+    name, (start, size) = rng.choice(sorted((n, s) for n, s in record_spans(path).items() if pick(n) and s[1]))
+    at = start + rng.randrange(size)
     with open(path, "r+b") as f:
         f.seek(at)
         b = f.read(1)[0]
         f.seek(at)
         f.write(bytes([b ^ (1 << rng.randrange(8))]))
-    return f"bit flip at byte {at} of record {info.filename}"
+    return f"bit flip at byte {at} of record {name}"
 
 
 def m_truncate(tag, rng):

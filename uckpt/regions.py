@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Iterator, List, Sequence, Tuple
 
-from .torchsave.format import row_major_strides, shape_numel
+from .torchsave.format import row_major_strides, shape_numel, strided_runs
 
 Shape = Tuple[int, ...]
 
@@ -115,28 +115,7 @@ class Piece:
 
     def runs(self) -> Iterator[Tuple[int, int, int]]:
         """(source offset, destination offset, elements) of the runs that are contiguous on both sides."""
-        n = math.prod(self.shape)
-        if n == 0:
-            return
-        run, k = 1, len(self.shape)
-        while k > 0 and (self.shape[k - 1] == 1 or
-                         (self.src_strides[k - 1] == run and self.dst_strides[k - 1] == run)):
-            run *= self.shape[k - 1]
-            k -= 1
-        lead = self.shape[:k]
-        idx = [0] * k
-        while True:
-            yield (self.src_offset + sum(i * s for i, s in zip(idx, self.src_strides)),
-                   self.dst_offset + sum(i * s for i, s in zip(idx, self.dst_strides)), run)
-            a = k - 1
-            while a >= 0:
-                idx[a] += 1
-                if idx[a] < lead[a]:
-                    break
-                idx[a] = 0
-                a -= 1
-            if a < 0:
-                return
+        return strided_runs(self.shape, [(self.src_offset, self.src_strides), (self.dst_offset, self.dst_strides)])
 
 
 @dataclass

@@ -56,6 +56,20 @@ def train(nproc: int, *args: str, module: str = "examples.tiny_train", timeout: 
     return run(torchrun_cmd(nproc, ["-m", module, *args]), timeout=timeout)
 
 
+def cached_checkpoint(save_dir: str, nproc: int, args: Sequence[str], module: str, timeout: float = 3600) -> str:
+    """The tag folder of a checkpoint ``module`` saves into ``save_dir`` with ``args`` under torchrun,
+    trained once: a later call finds it by its ``latest`` file."""
+    latest = os.path.join(save_dir, "latest")
+    if not os.path.exists(latest):
+        import shutil
+
+        shutil.rmtree(save_dir, ignore_errors=True)  # an interrupted build
+        print(f"training {os.path.basename(save_dir)} with DeepSpeed ...", flush=True)
+        train(nproc, *args, "--save-dir", save_dir, module=module, timeout=timeout)
+    with open(latest) as f:
+        return os.path.join(save_dir, f.read().strip())
+
+
 def ds_to_universal(input_folder: str, output_folder: str, *extra: str, timeout: float = 600):
     """DeepSpeed's own converter (deepspeed/checkpoint/ds_to_universal.py of the installed DeepSpeed)."""
     return run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", input_folder,

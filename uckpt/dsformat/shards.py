@@ -147,6 +147,12 @@ def _group_states(c: Checked, state: Dict[str, Any], where: str, g: int) \
     return tensors, _value(step), C.STEP_KEY in state, missing, refusal
 
 
+def _group(c: Checked, flat: Any, flat_where: str, states: Any, states_where: str, g: int):
+    """Group ``g`` of an optimizer shard: its flat fp32 tensor (checked) and its moments and step."""
+    t = c.tensor(flat, f"{flat_where}[{g}]", flat=True)
+    return (t,) + _group_states(c, c.item(states, g, states_where), f"{states_where}[{g}]", g)
+
+
 def _value(v):
     """A small tensor (the step) read into memory: it travels in the metadata and is written as ``step.pt``."""
     return v.to_data() if isinstance(v, FileTensor) else v
@@ -179,9 +185,8 @@ def optim_meta(sd: Dict[str, Any], path: str, family: Family) -> OptimMeta:
         state_where = f"{top}.{C.OPTIMIZER_STATE_DICT}.{C.TORCH_STATE_KEY}"
         groups = []
         for k, t in enumerate(flat):
-            t = c.tensor(t, f"{top}.{C.FP32_FLAT_GROUPS}[{k}]", flat=True)
-            numels, step, has_step, missing, refusal = _group_states(
-                c, c.item(inner.get(C.TORCH_STATE_KEY), k, state_where), f"{state_where}[{k}]", k)
+            t, numels, step, has_step, missing, refusal = _group(c, t, f"{top}.{C.FP32_FLAT_GROUPS}",
+                                                                 inner.get(C.TORCH_STATE_KEY), state_where, k)
             pg = c.dict(pgroups[k], f"{top}.{C.ZERO3_PARTITION_GROUPS_KEY}[{k}]") if k < len(pgroups) else {}
             where = f"{top}.{C.ZERO3_PARTITION_GROUPS_KEY}[{k}]"
             groups.append(GroupMeta(t.numel(), numels, step, has_step,
@@ -214,9 +219,8 @@ def optim_meta(sd: Dict[str, Any], path: str, family: Family) -> OptimMeta:
     state_where = f"{top}.{C.BASE_OPTIMIZER_STATE}.{C.TORCH_STATE_KEY}"
     groups = []
     for g, t in enumerate(fp32):
-        t = c.tensor(t, f"{top}.{C.SINGLE_PARTITION_OF_FP32_GROUPS}[{g}]", flat=True)
-        numels, step, has_step, missing, refusal = _group_states(
-            c, c.item(base.get(C.TORCH_STATE_KEY), g, state_where), f"{state_where}[{g}]", g)
+        t, numels, step, has_step, missing, refusal = _group(c, t, f"{top}.{C.SINGLE_PARTITION_OF_FP32_GROUPS}",
+                                                             base.get(C.TORCH_STATE_KEY), state_where, g)
         where = f"{top}.{C.PARAM_SLICE_MAPPINGS}[{g}]"
         maps = {}
         for name, a in c.dict(mappings[g], where).items():

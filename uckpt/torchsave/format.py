@@ -61,6 +61,31 @@ def shape_numel(shape) -> int:
     return n
 
 
+def strided_runs(shape, layouts):
+    """Walk a block of ``shape`` laid out in several tensors at once: ``layouts`` holds each one's
+    (element offset, strides). Yields, per run of elements contiguous in every layout, each layout's
+    offset of the run, then the run's length (the trailing dimensions all layouts pack densely)."""
+    shape = tuple(int(d) for d in shape)
+    if not shape_numel(shape):
+        return
+    run, k = 1, len(shape)
+    while k > 0 and (shape[k - 1] == 1 or all(strides[k - 1] == run for _, strides in layouts)):
+        run *= shape[k - 1]
+        k -= 1
+    idx = [0] * k
+    while True:
+        yield tuple(off + sum(i * s for i, s in zip(idx, strides)) for off, strides in layouts) + (run,)
+        a = k - 1
+        while a >= 0:
+            idx[a] += 1
+            if idx[a] < shape[a]:
+                break
+            idx[a] = 0
+            a -= 1
+        if a < 0:
+            return
+
+
 def itemsize(dtype: str) -> int:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype} is not one uckpt reads or writes without torch")

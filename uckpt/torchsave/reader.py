@@ -140,25 +140,10 @@ class FileTensor:
         out = torch.empty(numel, dtype=self.torch_dtype)
         if numel == 0:
             return out.view(shape)
-        # the trailing dimensions that are densely packed form one run per leading index
-        run, k = 1, len(shape)
-        while k > 0 and (shape[k - 1] == 1 or strides[k - 1] == run):
-            run *= shape[k - 1]
-            k -= 1
-        lead_shape = shape[:k]
-        starts: List[int] = []
-        idx = [0] * k
-        while True:
-            starts.append(offset + sum(i * s for i, s in zip(idx, strides[:k])))
-            a = k - 1
-            while a >= 0:
-                idx[a] += 1
-                if idx[a] < lead_shape[a]:
-                    break
-                idx[a] = 0
-                a -= 1
-            if a < 0:
-                break
+        # one run per leading index of the trailing dimensions the file packs densely (the output is contiguous)
+        runs = list(F.strided_runs(shape, [(offset, strides), (0, row_major_strides(shape))]))
+        starts: List[int] = [src for src, _, _ in runs]
+        run = runs[0][2]
         size = self.element_size()
         base = self.data_offset + self.storage_offset * size
         buf = memoryview(out.view(torch.uint8).numpy())
@@ -338,6 +323,12 @@ def _open_zip(path: str, stand_ins: Optional[Set[str]]) -> Any:
             return (pid[1].dtype, str(pid[2]))
 
     return Unpickler(io.BytesIO(data)).load()
+
+
+def record_spans(path: str) -> Dict[str, Tuple[int, int]]:
+    """Each record of a ``torch.save`` zip: its name -> (offset of its data in the file, size)."""
+    with open(path, "rb") as raw, zipfile.ZipFile(raw) as zf:
+        return _records(zf, raw)
 
 
 def records_crcs(path: str) -> List[int]:
