@@ -150,7 +150,7 @@ def test_output_inside_input(store, capsys):
 
 
 def test_failure_while_writing_leaves_no_output(store, tmp_path, monkeypatch, capsys):
-    from uckpt.conversion import output as write
+    from uckpt.conversion import file_writers as write
 
     calls = {"n": 0}
     real = write._write_image  # every file of this small checkpoint is created through it

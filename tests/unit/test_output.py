@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from uckpt.conversion import output
+from uckpt.conversion import durable, output
 from uckpt.errors import OutputError
 from uckpt.torchsave.format import TensorData
 
@@ -54,7 +54,7 @@ def test_a_folder_published_meanwhile_is_not_clobbered(tmp_path):
 
 def test_files_are_synced_and_the_rename_made_durable(tmp_path, monkeypatch):
     synced, fsynced = [], []
-    monkeypatch.setattr(output, "_syncfs", lambda path: synced.append(path))
+    monkeypatch.setattr(durable, "syncfs", lambda path: synced.append(path))
     real_fsync = os.fsync
     monkeypatch.setattr(output.os, "fsync", lambda fd: (fsynced.append(os.readlink(f"/proc/self/fd/{fd}")),
                                                         real_fsync(fd)))

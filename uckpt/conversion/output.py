@@ -1,29 +1,26 @@
-"""The output folder: built under ``<output>.uckpt-partial``, published by one rename when complete.
+"""The output sink and its file-system implementation: a Universal folder built under a run-unique
+partial name while the run holds the output's lock, made durable, and published by one rename.
 
-An interrupted run leaves only the partial folder (never a folder that looks complete), and the
-next run removes it. ``latest_universal`` is written beside the output as DeepSpeed does, with
-the path normalised first so a trailing slash cannot produce an empty tag.
+A refused run removes its partial folder; a run cut short leaves it, and the next run of the same
+command resumes it. ``latest_universal`` is written beside the output as DeepSpeed does, with the
+path normalised first so a trailing slash cannot produce an empty tag. The writer threads' jobs are
+in :mod:`.file_writers`, the fsyncs and the resume records in :mod:`.durable`.
 """
-import ctypes
-import ctypes.util
 import fcntl
 import glob
-import io
 import json
 import os
 import shutil
 import socket
-import threading
-import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from ..dsformat import constants as C
-from ..torchsave import direct as directio
-from ..torchsave import writer as tsave
-from ..torchsave.reader import records_crcs, verify_crc
 from ..dsformat.universal import check_name, looks_converted
 from ..errors import OutputError, UckptError
+from ..torchsave import direct as directio
+from ..torchsave import writer as tsave
+from . import durable, file_writers
 
 
 def normalise(path: str) -> str:
@@ -53,8 +50,6 @@ def check_paths(input_folder: str, output_folder: str, overwrite: bool):
 
 
 LOCK_SUFFIX = ".uckpt-lock"  # <output><suffix>: the file a writing run holds locked
-RESUME_FOLDER = ".uckpt-resume"  # inside a partial folder: what a rerun needs to resume it (removed on publish)
-RESUME_KEY_FILE = "key.json"
 THREADED_WRITE_BYTES = 4 << 20  # a file holding this many tensor bytes streams from a writer thread
 BATCH_BYTES = 64 << 20  # serialised small files wait for at most about this many bytes
 
@@ -119,7 +114,7 @@ class OutputFolder(OutputSink):
         self.lock_path = self.final + LOCK_SUFFIX
         self.zero = os.path.join(self.partial, C.UNIVERSAL_ZERO_FOLDER)
         self.overwrite, self.wait_for_lock = overwrite, wait_for_lock
-        self.resume = os.path.join(self.partial, RESUME_FOLDER)
+        self.resume = os.path.join(self.partial, durable.RESUME_FOLDER)
         self._lock_fd = None
         self._written: Dict[str, Tuple[int, int]] = {}  # path -> (bytes, records digest), once written
         self._params: List[Tuple[str, List[str]]] = []  # parameters whose files are queued, not yet recorded
@@ -149,7 +144,7 @@ class OutputFolder(OutputSink):
         stale = [p for p in glob.glob(glob.escape(self.final + C.PARTIAL_SUFFIX) + "*")
                  if os.path.isdir(p) and not os.path.islink(p)]  # runs that died holding this lock left them
         for old in sorted(stale, key=os.path.getmtime, reverse=True):
-            if adopted is None and not restart and resume_key is not None and _resume_key(old) == resume_key:
+            if adopted is None and not restart and resume_key is not None and durable.resume_key(old) == resume_key:
                 os.rename(old, self.partial)
                 adopted = old
             else:
@@ -158,7 +153,7 @@ class OutputFolder(OutputSink):
             os.makedirs(self.zero)
         os.makedirs(self.resume, exist_ok=True)
         if resume_key is not None:
-            _write_json(os.path.join(self.resume, RESUME_KEY_FILE), resume_key)
+            durable.write_json(os.path.join(self.resume, durable.RESUME_KEY_FILE), resume_key)
         return adopted
 
     def reusable(self, names: Iterable[str]) -> Set[str]:
@@ -174,7 +169,7 @@ class OutputFolder(OutputSink):
                         recorded[check_name(entry["param"], "parameter name")] = dict(entry["files"])
                     except (ValueError, KeyError, TypeError, UckptError):
                         continue  # a torn last line, or not ours: that parameter is written again
-        return {name for name in names if name in recorded and _intact(self.partial, recorded[name])}
+        return {name for name in names if name in recorded and durable.intact(self.partial, recorded[name])}
 
     def _lock(self):
         os.makedirs(os.path.dirname(self.final), exist_ok=True)
@@ -197,14 +192,14 @@ class OutputFolder(OutputSink):
     def finish(self) -> str:
         """Move the complete, synced partial folder into place and point ``latest_universal`` at it."""
         shutil.rmtree(self.resume, ignore_errors=True)
-        _fsync_dir(self.partial)
+        durable.fsync_dir(self.partial)
         old = None
         if os.path.lexists(self.final):  # a Universal checkpoint (checked under the lock), replaced
             old = f"{self.final}.uckpt-old-{self.run_id}"
             os.rename(self.final, old)
         os.rename(self.partial, self.final)
         parent, tag = os.path.split(self.final)
-        _fsync_dir(parent)
+        durable.fsync_dir(parent)
         if old:
             shutil.rmtree(old)
         latest = os.path.join(parent, C.LATEST_UNIVERSAL_FILE)
@@ -216,7 +211,7 @@ class OutputFolder(OutputSink):
         finally:
             os.close(fd)
         os.replace(tmp, latest)
-        _fsync_dir(parent)
+        durable.fsync_dir(parent)
         self._unlock()
         return latest
 
@@ -236,7 +231,7 @@ class OutputFolder(OutputSink):
     def sync(self):
         """Every rank, after :meth:`flush`: this rank's files and folders reach the disk (``syncfs`` of the
         output's file system: one call, where an fsync per file would be thousands)."""
-        _syncfs(self.partial)
+        durable.syncfs(self.partial)
 
     # any rank ----------------------------------------------------------------------------
     def write_file(self, obj: Any, *parts: str):
@@ -270,9 +265,9 @@ class OutputFolder(OutputSink):
         next reads). Small ones, thousands in a Universal checkpoint, are serialised here and created
         in batches by the writer threads while this thread waits (:meth:`_write_batch`)."""
         if sum(tsave.payload_bytes(obj) for obj in files.values()) >= THREADED_WRITE_BYTES:
-            self._pending.append(self._pool.submit(_save_files, folder, files))
+            self._pending.append(self._pool.submit(file_writers.save_files, folder, files))
             return
-        images = {path: _image(obj, path) for path, obj in files.items()}
+        images = {path: file_writers.image(obj, path) for path, obj in files.items()}
         self._batch.append((folder, images))
         self._batch_bytes += sum(len(b) for b, _ in images.values())
         if self._batch_bytes >= BATCH_BYTES:
@@ -290,16 +285,16 @@ class OutputFolder(OutputSink):
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         if not batch:
             return
-        made = _Progress()
-        futures = [self._pool.submit(_make_folders, [folder for folder, _ in batch], made)]
+        made = file_writers.FolderProgress()
+        futures = [self._pool.submit(file_writers.make_folders, [folder for folder, _ in batch], made)]
         writers = max(1, self._threads - 1)
-        futures += [self._pool.submit(_write_images, batch, range(i, len(batch), writers), made)
+        futures += [self._pool.submit(file_writers.write_images, batch, range(i, len(batch), writers), made)
                     for i in range(min(writers, len(batch)))]
         self._pending.extend(futures)
         wait(futures)
 
     def copy(self, src: str):
-        self._pending.append(self._pool.submit(_copy, src, self.partial))
+        self._pending.append(self._pool.submit(file_writers.copy, src, self.partial))
 
     def flush(self):
         """Wait for every queued write, then re-raise the first failure.
@@ -333,134 +328,3 @@ class OutputFolder(OutputSink):
             self._manifest.close()
             self._manifest = None
         self._unlock()
-
-
-Written = List[Tuple[str, int, int]]  # (path, bytes, records digest) of each file a writer made
-
-
-def _save_files(folder: str, files: Dict[str, Any]) -> Written:
-    """Create ``folder`` and write ``{path: object}`` (the ``torch.save`` format, see
-    :mod:`uckpt.torchsave.writer`), streaming."""
-    os.makedirs(folder, exist_ok=True)
-    return [(path, *_save(obj, path)) for path, obj in files.items()]
-
-
-class _Progress:
-    """How many folders of a batch exist; writers wait for theirs (or stop when making them failed)."""
-
-    def __init__(self):
-        self.count, self.failed = 0, False
-        self.cond = threading.Condition()
-
-    def advance(self):
-        with self.cond:
-            self.count += 1
-            self.cond.notify_all()
-
-    def fail(self):
-        with self.cond:
-            self.failed = True
-            self.cond.notify_all()
-
-    def wait_for(self, i: int) -> bool:
-        with self.cond:
-            self.cond.wait_for(lambda: self.count > i or self.failed)
-            return self.count > i
-
-
-def _make_folders(folders: List[str], made: _Progress) -> Written:
-    try:
-        for folder in folders:
-            os.makedirs(folder, exist_ok=True)
-            made.advance()
-    except BaseException:
-        made.fail()
-        raise
-    return []
-
-
-def _write_images(batch: List[Tuple[str, Dict[str, Tuple[bytes, int]]]], items, made: _Progress) -> Written:
-    """Write the files of ``batch[i]`` for each ``i`` of ``items`` from their serialised bytes, once its
-    folder exists."""
-    out = []
-    for i in items:
-        if not made.wait_for(i):
-            break  # the folder thread failed; it reports why
-        for path, (data, digest) in batch[i][1].items():
-            out.append((path, _write_image(path, data), digest))
-    return out
-
-
-def _save(obj: Any, path: str) -> Tuple[int, int]:
-    return tsave.save_recorded(obj, path)
-
-
-def _image(obj: Any, path: str) -> Tuple[bytes, int]:
-    """A small file's bytes and records digest, serialised now and written later in a batch."""
-    data = tsave.to_bytes(obj, path)
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        crcs = [i.CRC for i in sorted(zf.infolist(), key=lambda i: i.header_offset)]
-    return data, tsave.records_digest(crcs)
-
-
-def _write_image(path: str, data: bytes) -> int:
-    return tsave.write_bytes(path, data)
-
-
-def _copy(src: str, folder: str) -> Written:
-    dst = os.path.join(folder, os.path.basename(src))
-    return [(dst, directio.copy_file(src, dst), 0)]
-
-
-def _fsync_dir(path: str):
-    """Make a folder's entries (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-def _syncfs(path: str):
-    """Flush the file system holding ``path`` (Linux ``syncfs``); ``os.sync`` where it is missing."""
-    if not hasattr(_LIBC, "syncfs"):
-        os.sync()
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _LIBC.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs: {os.strerror(err)}", path)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: str, value: Any):
-    with open(path, "w") as f:
-        json.dump(value, f, sort_keys=True)
-
-
-def _resume_key(partial: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(os.path.join(partial, RESUME_FOLDER, RESUME_KEY_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _intact(partial: str, files: Dict[str, List[int]]) -> bool:
-    """Every file of a recorded parameter is as recorded (see :meth:`OutputFolder.reusable`)."""
-    try:
-        for rel, (size, digest) in files.items():
-            path = os.path.join(partial, rel)
-            if os.path.relpath(os.path.realpath(path), os.path.realpath(partial)).startswith(".."):
-                return False  # a manifest is ours, but a path in it never leaves the folder
-            if os.path.getsize(path) != size or tsave.records_digest(records_crcs(path)) != digest:
-                return False
-            verify_crc(path)
-    except (OSError, ValueError, zipfile.BadZipFile, TypeError):
-        return False
-    return True
