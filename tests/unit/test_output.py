@@ -110,3 +110,40 @@ def test_restart_or_another_input_starts_afresh(tmp_path, restart, other_input):
     assert not os.path.exists(dead) and out.reusable(["w"]) == set()
     out.abort()
     out.close()
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path):
+    victim = tmp_path / "bashrc"
+    victim.write_text("keep me")
+    final = tmp_path / "u"
+    os.symlink(victim, str(final) + output.LOCK_SUFFIX)
+    out = output.OutputFolder(str(final), run_id="a")
+    with pytest.raises(OutputError, match="lock file"):
+        out.prepare()
+    out.close()
+    assert victim.read_text() == "keep me"
+
+
+def test_a_folder_made_during_the_run_is_not_replaced_at_publication(tmp_path):
+    final = tmp_path / "u"
+    out = output.OutputFolder(str(final), run_id="a", overwrite=True)
+    out.prepare()
+    out.write_param("w", _states())
+    out.flush()
+    final.mkdir()  # written meanwhile by a tool that takes no lock; not a Universal checkpoint
+    (final / "theirs.txt").write_text("x")
+    with pytest.raises(OutputError, match="appeared while this run converted"):
+        out.finish()
+    out.abort()
+    out.close()
+    assert (final / "theirs.txt").read_text() == "x"
+
+
+def test_a_partial_folder_holding_links_is_not_resumed(tmp_path):
+    key = {"input": "x"}
+    dead = _crashed_run(tmp_path / "u", key)
+    os.symlink(tmp_path, os.path.join(dead, "zero", "elsewhere"))
+    out = output.OutputFolder(str(tmp_path / "u"), run_id="next")
+    assert out.prepare(key) is None and not os.path.exists(dead) and tmp_path.exists()
+    out.abort()
+    out.close()

@@ -40,6 +40,15 @@ def syncfs(path: str):
         os.close(fd)
 
 
+def holds_links(folder: str) -> bool:
+    """Whether anything below ``folder`` is a symbolic link (a partial folder that does is not resumed:
+    writes would follow the link out of the output)."""
+    for root, dirs, files in os.walk(folder):
+        if any(os.path.islink(os.path.join(root, n)) for n in dirs + files):
+            return True
+    return False
+
+
 def write_json(path: str, value: Any):
     with open(path, "w") as f:
         json.dump(value, f, sort_keys=True)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -144,7 +145,8 @@ class OutputFolder(OutputSink):
         stale = [p for p in glob.glob(glob.escape(self.final + C.PARTIAL_SUFFIX) + "*")
                  if os.path.isdir(p) and not os.path.islink(p)]  # runs that died holding this lock left them
         for old in sorted(stale, key=os.path.getmtime, reverse=True):
-            if adopted is None and not restart and resume_key is not None and durable.resume_key(old) == resume_key:
+            if adopted is None and not restart and resume_key is not None and durable.resume_key(old) == resume_key \
+                    and not durable.holds_links(old):
                 os.rename(old, self.partial)
                 adopted = old
             else:
@@ -173,7 +175,16 @@ class OutputFolder(OutputSink):
 
     def _lock(self):
         os.makedirs(os.path.dirname(self.final), exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: a lock file planted as a link to another file would be truncated
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot use the lock file {self.lock_path} ({exc.strerror})", self.final,
+                              "remove it if no conversion is running (it must be a plain file, not a link)") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise OutputError(f"the lock file {self.lock_path} is not a plain file of its own (a link?)", self.final,
+                              "remove it if no conversion is running")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait_for_lock else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -194,7 +205,11 @@ class OutputFolder(OutputSink):
         shutil.rmtree(self.resume, ignore_errors=True)
         durable.fsync_dir(self.partial)
         old = None
-        if os.path.lexists(self.final):  # a Universal checkpoint (checked under the lock), replaced
+        if os.path.lexists(self.final) and not (self.overwrite and looks_converted(self.final)):
+            # made while this run converted, by something that does not take the lock: never replaced
+            raise OutputError("appeared while this run converted, and is not a Universal checkpoint to replace",
+                              self.final, "move it away and run the command again")
+        if os.path.lexists(self.final):  # a Universal checkpoint (checked again just now), replaced
             old = f"{self.final}.uckpt-old-{self.run_id}"
             os.rename(self.final, old)
         os.rename(self.partial, self.final)

@@ -23,7 +23,7 @@ def resolve_folder(load_dir: str, tag: Optional[str] = None) -> str:
             raise CheckpointError(f"no {C.LATEST_UNIVERSAL_FILE} file and no tag given", path=load_dir,
                                   fix="pass tag=<folder name> or point at a folder holding latest_universal")
         with open(latest) as f:
-            tag = check_name(f.read().strip(), f"tag in {C.LATEST_UNIVERSAL_FILE}", latest)
+            tag = check_name(f.read(4096).strip(), f"tag in {C.LATEST_UNIVERSAL_FILE}", latest)
     folder = os.path.join(load_dir, tag)
     if not is_universal(folder):
         raise CheckpointError(f"not a Universal checkpoint (no {C.UNIVERSAL_ZERO_FOLDER}/ folder)", path=folder,

@@ -14,6 +14,7 @@ records how it was built, so the writer pickles it back to the same class: DeepS
 load the written file exactly as they load one written by ``torch.save``.
 """
 import collections
+import enum
 import struct
 import sys
 from dataclasses import dataclass
@@ -155,11 +156,41 @@ class TensorData:
                              self.storage_offset, self.requires_grad))
 
 
+def _no_state(self, state):
+    """Objects the reader builds itself take no state from a pickle (a ``BUILD`` opcode would otherwise
+    overwrite their fields after they were checked)."""
+    raise FormatError(f"the pickle sets state on a {type(self).__name__}, which torch.save never does")
+
+
 class TorchSize(tuple):
     """``torch.Size`` read without torch; written back as ``torch.Size``."""
 
+    __setstate__ = _no_state
+
     def __repr__(self):
         return f"torch.Size({list(self)})"
+
+
+class OrderedDict(collections.OrderedDict):
+    """``collections.OrderedDict`` as the reader builds it: the only state a pickle may give it is a
+    module state dict's ``_metadata`` (its other attributes would shadow the dict's methods)."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict) or set(state) - {"_metadata"}:
+            raise FormatError("the pickle sets attributes other than _metadata on an OrderedDict")
+        self._metadata = state.get("_metadata")
+
+    def __reduce__(self):  # ranks exchange metadata holding these: a plain OrderedDict on the other side
+        return (collections.OrderedDict, (list(self.items()),))
+
+
+OrderedDict.__module__ = "collections"  # pickled back, and printed, as the class it stands for
+
+
+def is_identifier_path(text) -> bool:
+    """``a.b.c`` of Python identifiers: what a pickle's global names must be (a newline in one would
+    inject opcodes when the name is written back)."""
+    return isinstance(text, str) and all(part.isidentifier() for part in text.split("."))
 
 
 class Stub:
@@ -233,33 +264,44 @@ def _rebuild_stub(module, qualname, args, called, state):
     return obj
 
 
-def materialize(obj: Any, classes: Dict[str, type]) -> Any:
+def materialize(obj: Any, classes: Dict[str, type], _memo: Optional[Dict[int, Any]] = None) -> Any:
     """``obj`` with the stand-ins of the allow-listed ``classes`` (``"module.qualname"`` -> class) rebuilt
     as real objects, the way a safe unpickler rebuilds an allow-listed global: the class called with
     the recorded arguments (``REDUCE``: enums, named tuples) or created bare (``NEWOBJ``), then given
-    its recorded state. Other stand-ins stay inert; containers are rebuilt around what changed."""
+    its recorded state: plain attributes only (no ``__dunder__`` names, none on an enum member, which
+    is shared by the whole process). Other stand-ins stay inert; containers are rebuilt around what
+    changed, each shared object once."""
+    memo = {} if _memo is None else _memo
+    if id(obj) in memo:
+        return memo[id(obj)]
     if isinstance(obj, Stub):
         cls = classes.get(f"{type(obj)._module}.{type(obj)._qualname}")
-        args = tuple(materialize(a, classes) for a in obj._args)
         if cls is None:
             return obj
+        args = tuple(materialize(a, classes, memo) for a in obj._args)
         real = cls(*args) if obj._called else cls.__new__(cls, *args)
-        state = materialize(obj._state, classes)
+        state = materialize(obj._state, classes, memo)
         if state is not None:
-            if hasattr(real, "__setstate__") and type(real).__setstate__ is not object.__setstate__:
-                real.__setstate__(state)
-            else:
-                slots = None
-                if isinstance(state, tuple) and len(state) == 2:
-                    state, slots = state
-                real.__dict__.update(state or {})
-                for k, v in (slots or {}).items():
-                    setattr(real, k, v)
+            slots = None
+            if isinstance(state, tuple) and len(state) == 2:
+                state, slots = state
+            attrs = dict(state or {}, **(slots or {}))
+            if isinstance(real, enum.Enum) or not all(isinstance(k, str) and not k.startswith("__") for k in attrs):
+                raise FormatError(f"the pickle gives a {type(obj)._qualname} state uckpt does not accept")
+            for k, v in attrs.items():
+                object.__setattr__(real, k, v) if type(real).__setattr__ is object.__setattr__ \
+                    else real.__dict__.__setitem__(k, v)
+        memo[id(obj)] = real
         return real
-    if type(obj) in (dict, collections.OrderedDict):
-        return type(obj)((k, materialize(v, classes)) for k, v in obj.items())
+    if isinstance(obj, dict) and type(obj) in (dict, collections.OrderedDict, OrderedDict):
+        out = type(obj)()
+        memo[id(obj)] = out
+        out.update((k, materialize(v, classes, memo)) for k, v in obj.items())
+        return out
     if type(obj) in (list, tuple):
-        return type(obj)(materialize(v, classes) for v in obj)
+        out = type(obj)(materialize(v, classes, memo) for v in obj)
+        memo[id(obj)] = out
+        return out
     return obj
 
 

@@ -13,7 +13,6 @@ whose values ``torch.load(weights_only=True)`` gives; the byte count then covers
 """
 import _compat_pickle
 import codecs
-import collections
 import io
 import os
 import pickle
@@ -21,7 +20,7 @@ import struct
 import threading
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import format as F
@@ -81,6 +80,11 @@ class FileTensor:
     storage_nbytes: int = 0
     is_parameter: bool = False
     _loaded: Any = None  # fallback: a real (memory-mapped) torch tensor
+
+    __setstate__ = F._no_state  # a pickle's BUILD may not rewrite a checked tensor's place in the file
+
+    def __reduce__(self):  # pickled by its fields (ranks exchange metadata), never through __setstate__
+        return (FileTensor, tuple(getattr(self, f.name) for f in fields(self)))
 
     def numel(self) -> int:
         return shape_numel(self.shape)
@@ -184,15 +188,24 @@ class _Unsupported(Exception):
 # Globals resolved for real: plain containers and functions that build nothing but data. Every other
 # global of a pickle becomes an inert stand-in (uckpt.torchsave.format.Stub): it records how the
 # pickle built it and is never called, so no code from a checkpoint ever runs.
+def _bytearray(*args):
+    """``bytearray`` as pickles build it (from a string and an encoding, or bytes): never ``bytearray(n)``,
+    which would allocate whatever a file asks for."""
+    if args and not isinstance(args[0], (str, bytes, bytearray)):
+        raise F.FormatError("the pickle builds a bytearray from something other than its bytes")
+    return bytearray(*args)
+
+
 _REAL_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): F.OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
     ("builtins", "slice"): slice,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytearray"): _bytearray,
     ("_codecs", "encode"): codecs.encode,  # protocol 2 pickles bytes as encode(str, "latin1")
 }
+MAX_EXPANSION = 64  # objects written back per object read: far above any real checkpoint's sharing
 # Stand-ins that DeepSpeed checkpoints hold by design: the report names every other one.
 EXPECTED_STAND_INS = frozenset({
     "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
@@ -202,14 +215,22 @@ EXPECTED_STAND_INS = frozenset({
 
 
 def _records(zf: zipfile.ZipFile, raw) -> Dict[str, Tuple[int, int]]:
-    """Each stored record's (data offset, size)."""
+    """Each stored record's (data offset, size), each checked to lie inside the file."""
     out = {}
+    end = os.fstat(raw.fileno()).st_size
     for info in zf.infolist():
         raw.seek(info.header_offset)
-        fields = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
+        header = raw.read(_LOCAL_HEADER.size)
+        if len(header) < _LOCAL_HEADER.size:
+            raise F.FormatError(f"record {info.filename} starts past the end of the file")
+        fields = _LOCAL_HEADER.unpack(header)
         if fields[0] != _LOCAL_HEADER_MAGIC or info.compress_type != zipfile.ZIP_STORED:
             raise _Unsupported(info.filename)
-        out[info.filename] = (info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10], info.file_size)
+        offset = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+        if info.compress_size != info.file_size or offset + info.file_size > end:
+            raise F.FormatError(f"record {info.filename} declares {info.file_size} bytes at offset {offset}, past "
+                                f"the end of the {end}-byte file")
+        out[info.filename] = (offset, info.file_size)
     return out
 
 
@@ -245,7 +266,8 @@ def _check_extent(dtype: str, nbytes: int, storage_offset: int, size, stride):
             or storage_offset < 0:
         raise F.FormatError(f"a tensor has an invalid shape {size}, strides {stride} or offset {storage_offset}")
     item = F.itemsize(dtype)
-    if F.shape_numel(size) and (storage_offset + 1 + sum((d - 1) * s for d, s in zip(size, stride))) * item > nbytes:
+    if F.shape_numel(size) * item > nbytes or F.shape_numel(size) and \
+            (storage_offset + 1 + sum((d - 1) * s for d, s in zip(size, stride))) * item > nbytes:
         raise F.FormatError(f"a tensor of shape {tuple(size)} at offset {storage_offset} needs more than the "
                             f"{nbytes} bytes its storage record holds")
 
@@ -293,6 +315,8 @@ def _open_zip(path: str, stand_ins: Optional[Set[str]]) -> Any:
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
+            if not F.is_identifier_path(module) or not F.is_identifier_path(name):
+                raise F.FormatError(f"the pickle names a global {module!r}.{name!r} that is not a Python name")
             # protocol 2 names Python 3's builtins as Python 2's (__builtin__.set): map them as pickle does
             if (module, name) in _compat_pickle.NAME_MAPPING:
                 module, name = _compat_pickle.NAME_MAPPING[(module, name)]
@@ -322,7 +346,44 @@ def _open_zip(path: str, stand_ins: Optional[Set[str]]) -> Any:
                 raise F.FormatError(f"a storage reference {str(pid)[:80]} is not one torch.save writes")
             return (pid[1].dtype, str(pid[2]))
 
-    return Unpickler(io.BytesIO(data)).load()
+    try:
+        obj = Unpickler(io.BytesIO(data)).load()
+    except (F.FormatError, _Unsupported):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged or crafted pickle makes the unpickler do
+        raise F.FormatError(f"its pickle cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from None
+    _check_expansion(obj, len(data))
+    return obj
+
+
+def _check_expansion(obj: Any, pickle_bytes: int):
+    """Objects shared in the pickle are written back (and walked) once per reference: refuse a file
+    whose sharing would make that grow far beyond what it holds (``[x, x]`` nested 30 deep)."""
+    sizes: Dict[int, int] = {}
+    limit = MAX_EXPANSION * (pickle_bytes + 1000)
+
+    def size(o) -> int:
+        if id(o) in sizes:
+            return sizes[id(o)]
+        sizes[id(o)] = 1  # a cycle counts once (the writer refuses cycles anyway)
+        if isinstance(o, dict):
+            n = 1 + sum(size(k) + size(v) for k, v in o.items())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            n = 1 + sum(size(v) for v in o)
+        elif isinstance(o, F.Stub):
+            n = 1 + size(o._args) + size(o._state)
+        else:
+            n = 1
+        sizes[id(o)] = n
+        if n > limit:
+            raise F.FormatError(f"its pickle shares objects so that reading it back would build more than {limit} "
+                                "objects")
+        return n
+
+    try:
+        size(obj)
+    except RecursionError:
+        raise F.FormatError("its pickle nests objects too deeply") from None
 
 
 def record_spans(path: str) -> Dict[str, Tuple[int, int]]:

@@ -32,6 +32,8 @@ _ZIP64_AT = _U32  # sizes and offsets from here on need zip64 fields (a test low
 # --- pickle (protocol 2, no memo: the trees written here share no mutable objects) -------------
 
 def _global(module: str, name: str) -> bytes:
+    if not (F.is_identifier_path(module) and F.is_identifier_path(name)):  # a newline would inject opcodes
+        raise ValueError(f"cannot write the global {module!r}.{name!r}: not a Python name")
     return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
 
 
