@@ -59,12 +59,7 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
                    f"on {comm.world_size} rank(s) (backend {comm.backend})")
     files = _discover(r)
     shards, metas = _read_metadata(r, files)
-    if cfg.verify_crc and not cfg.dry_run:
-        with r.phase("verify_crc"):  # damaged bytes are an error naming the file, never a published folder
-            # the shards this rank read, and its share of the files no rank reads (pipeline layer and
-            # per-expert files): a damaged one means a damaged checkpoint all the same
-            unread = sorted(files.layer_files + files.expert_files)[comm.rank::comm.world_size]
-            r.crc_bytes = sum(check_integrity(path) for path in r.opened + unread)
+    _verify_crc(r, files)
     index, plan = _plan(r, files, metas)
     report = reportmod.header(cfg, index, plan, comm.backend)
     report["unknown_globals"] = sorted(r.unknown_globals)
@@ -129,6 +124,17 @@ def _read_metadata(r: _Run, files: CheckpointFiles):
         r.progress.log(f"warning: the checkpoint names globals uckpt does not know; they were read as inert "
                        f"stand-ins, never called: {', '.join(sorted(r.unknown_globals))}")
     return shards, metas
+
+
+def _verify_crc(r: _Run, files: CheckpointFiles):
+    """Every record of the shards this rank read, and of its share of the files no rank reads (pipeline
+    layer and per-expert files), against its CRC-32: damaged bytes are an error naming the file, never
+    a published folder holding them."""
+    if not r.cfg.verify_crc or r.cfg.dry_run:
+        return
+    with r.phase("verify_crc"):
+        unread = sorted(files.layer_files + files.expert_files)[r.comm.rank::r.comm.world_size]
+        r.crc_bytes = sum(check_integrity(path) for path in r.opened + unread)
 
 
 def _plan(r: _Run, files: CheckpointFiles, metas):
