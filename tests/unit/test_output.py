@@ -71,7 +71,7 @@ def test_files_are_synced_and_the_rename_made_durable(tmp_path, monkeypatch):
     # the partial folder before its rename, the parent after it, latest_universal's bytes, the parent again
     assert fsynced == [out.partial, str(final.parent), str(final.parent / "latest_universal.uckpt-tmp-r1"),
                        str(final.parent)]
-    assert open(latest).read() == "u" and sorted(os.listdir(final.parent)) == ["latest_universal", "u", "u.uckpt-lock"]
+    assert open(latest).read() == "u" and sorted(os.listdir(final.parent)) == ["latest_universal", "u"]  # the lock file goes with the lock
     assert (final / "zero" / "w" / "fp32.pt").exists()
 
 

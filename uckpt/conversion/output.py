@@ -174,7 +174,27 @@ class OutputFolder(OutputSink):
         return {name for name in names if name in recorded and durable.intact(self.partial, recorded[name])}
 
     def _lock(self):
+        """Hold ``<output>.uckpt-lock`` exclusively. The holder removes the file when it lets go, so a
+        waiter that wakes up holding a file no longer at that path opens the new one and tries again."""
         os.makedirs(os.path.dirname(self.final), exist_ok=True)
+        while True:
+            fd = self._open_lock_file()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait_for_lock else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(f"another conversion is writing this output (it holds {self.lock_path})",
+                                  self.final, "wait for it to finish, pass --wait_for_lock to wait, or choose "
+                                  "another folder") from None
+            held, now = os.fstat(fd), _lstat(self.lock_path)
+            if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                break
+            os.close(fd)  # the previous holder removed it meanwhile
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} pid {os.getpid()} run {self.run_id}\n".encode())
+        self._lock_fd = fd
+
+    def _open_lock_file(self) -> int:
         try:  # never through a link: a lock file planted as a link to another file would be truncated
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:
@@ -185,19 +205,12 @@ class OutputFolder(OutputSink):
             os.close(fd)
             raise OutputError(f"the lock file {self.lock_path} is not a plain file of its own (a link?)", self.final,
                               "remove it if no conversion is running")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait_for_lock else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputError(f"another conversion is writing this output (it holds {self.lock_path})", self.final,
-                              "wait for it to finish, pass --wait_for_lock to wait, or choose another folder") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} pid {os.getpid()} run {self.run_id}\n".encode())
-        self._lock_fd = fd
+        return fd
 
     def _unlock(self):
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock; the file stays, so waiters keep one lock
+            os.unlink(self.lock_path)  # still ours: we hold it (waiters then retry on a fresh file)
+            os.close(self._lock_fd)
             self._lock_fd = None
 
     def finish(self) -> str:
@@ -343,3 +356,10 @@ class OutputFolder(OutputSink):
             self._manifest.close()
             self._manifest = None
         self._unlock()
+
+
+def _lstat(path: str):
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
