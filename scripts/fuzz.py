@@ -43,7 +43,7 @@ TIED_ALIAS = os.path.join("zero", "head.weight", "fp32.pt")  # README: uckpt wri
 ERROR_KINDS = [  # (kind, pattern of the message), first match wins
     ("damaged (CRC, zip)", r"CRC-32|is damaged"),
     ("dtype", r"not float32"),
-    ("missing file", r"missing|does not exist|no \S+ files|is empty"),
+    ("missing file", r"missing|does not exist|no \S+ files|is empty|has .*files for"),
     ("unreadable", r"cannot be read|truncated or corrupt|cannot be loaded safely|not a DeepSpeed|not a ZeRO"),
     ("wrong type", r": is (a|an) .*, not "),
     ("size or shape", r"storage record|elements|shape|lies outside"),
