@@ -166,6 +166,10 @@ WRONG_TYPES = [
     ("z3-bf16-dp2", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
      lambda sd: sd["optimizer_state_dict"].__setitem__("fp32_flat_groups", ["x"]),
      "fp32_flat_groups[0]: is a str, not a tensor"),
+    # DeepSpeed's converter reads both recorded degrees and fails without them (found by scripts/fuzz.py)
+    ("z2-bf16-dp4", "mp_rank_00_model_states.pt",
+     lambda sd: sd["checkpoint_parallel_dimensions"].pop("tp_degree"),
+     "'checkpoint_parallel_dimensions'['tp_degree']: is a NoneType, not an int"),
     # where a value uckpt needs sits inside a stand-in, the error names its global
     ("z3-bf16-dp2", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
      lambda sd: sd["optimizer_state_dict"]["fp32_flat_groups"].__setitem__(0, Payload("/nonexistent/ran")),

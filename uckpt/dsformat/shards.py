@@ -108,7 +108,7 @@ def model_meta(sd: Dict[str, Any], path: str) -> ModelMeta:
         shared_params={c.str(k, f"a '{C.SHARED_PARAMS_KEY}' key"): c.str(v, f"'{C.SHARED_PARAMS_KEY}'[{k!r}]")
                        for k, v in shared.items()},
         uc_info=c.dict(sd.get(C.UNIVERSAL_CHECKPOINT_INFO), f"'{C.UNIVERSAL_CHECKPOINT_INFO}'", optional=True),
-        parallel_dims=c.dict(sd.get(C.CHECKPOINT_PARALLEL_DIMS), f"'{C.CHECKPOINT_PARALLEL_DIMS}'", optional=True),
+        parallel_dims=_parallel_dims(c, sd.get(C.CHECKPOINT_PARALLEL_DIMS)),
         ds_version=sd.get(C.DS_VERSION),
         global_steps=c.int(sd.get("global_steps"), "'global_steps'", optional=True),
         skipped_steps=c.int(sd.get("skipped_steps"), "'skipped_steps'", optional=True),
@@ -119,6 +119,19 @@ def model_meta(sd: Dict[str, Any], path: str) -> ModelMeta:
         dp_world_size=c.int(sd.get(DP_WORLD_SIZE_KEY), f"'{DP_WORLD_SIZE_KEY}'", optional=True),
         mp_world_size=c.int(sd.get(MP_WORLD_SIZE_KEY), f"'{MP_WORLD_SIZE_KEY}'", optional=True),
     )
+
+
+def _parallel_dims(c: Checked, dims: Any) -> Optional[Dict[str, int]]:
+    """The saving run's pipeline and tensor-parallel degrees, when recorded: both, as positive ints
+    (DeepSpeed's converter reads both and fails without them)."""
+    where = f"'{C.CHECKPOINT_PARALLEL_DIMS}'"
+    if c.dict(dims, where, optional=True) is None:
+        return None
+    out = {key: c.int(dims.get(key), f"{where}['{key}']") for key in (C.CHECKPOINT_PP_DEGREE, C.CHECKPOINT_TP_DEGREE)}
+    for key, value in out.items():
+        if value < 1:
+            c.fail(f"{where}['{key}']", f"is {value}, not a positive degree")
+    return out
 
 
 def _optimizer_state(sd: Dict[str, Any], path: str) -> Dict[str, Any]:
