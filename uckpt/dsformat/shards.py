@@ -157,6 +157,8 @@ def _group_states(c: Checked, state: Dict[str, Any], where: str, g: int) \
     step = state.get(C.STEP_KEY)
     if C.STEP_KEY in state and not isinstance(step, (int, float, FileTensor)) or isinstance(step, bool):
         c.fail(f"{where}['{C.STEP_KEY}']", f"is a {type(step).__name__}, not a number or a tensor")
+    if isinstance(step, FileTensor) and step.numel() != 1:  # DeepSpeed's converter reads it as one value
+        c.fail(f"{where}['{C.STEP_KEY}']", f"is a tensor of {step.numel()} elements, not one step value")
     return tensors, _value(step), C.STEP_KEY in state, missing, refusal
 
 
