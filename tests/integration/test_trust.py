@@ -173,6 +173,8 @@ WRONG_TYPES = [
     ("z2-bf16-dp4", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",  # found by scripts/fuzz.py too
      lambda sd: sd["optimizer_state_dict"]["base_optimizer_state"]["state"][0].__setitem__("step", torch.zeros(0)),
      "['step']: is a tensor of 0 elements, not one step value"),
+    ("z2-bf16-dp4", "mp_rank_00_model_states.pt", lambda sd: sd.__setitem__("ds_config", 2.5),  # fuzz again
+     "'ds_config': is a float, not a dict"),
     # where a value uckpt needs sits inside a stand-in, the error names its global
     ("z3-bf16-dp2", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
      lambda sd: sd["optimizer_state_dict"]["fp32_flat_groups"].__setitem__(0, Payload("/nonexistent/ran")),

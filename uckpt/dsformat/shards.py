@@ -99,7 +99,7 @@ def model_meta(sd: Dict[str, Any], path: str) -> ModelMeta:
     if param_shapes is not None:
         param_shapes = [c.shapes(g, f"'{C.PARAM_SHAPES}'[{i}]") for i, g in enumerate(param_shapes)]
     shared = c.dict(sd.get(C.SHARED_PARAMS_KEY), f"'{C.SHARED_PARAMS_KEY}'", optional=True) or {}
-    ds_config = sd.get(C.DS_CONFIG_KEY)
+    ds_config = c.dict(sd.get(C.DS_CONFIG_KEY), f"'{C.DS_CONFIG_KEY}'", optional=True)  # DeepSpeed reads it as one
     return ModelMeta(
         param_shapes=param_shapes,
         module_shapes={c.str(k, f"a '{C.MODULE_KEY}' key"): c.tensor(v, f"'{C.MODULE_KEY}'[{k!r}]").shape
