@@ -77,7 +77,7 @@ def convert(tree: str, ckpts: str, out: str, cases):
 def _id_spans(path: str):
     """Byte ranges of a torch.save file that hold its serialization id: the record's data and the two
     copies of its CRC-32 (data descriptor and central directory); None if the file has no such record."""
-    from uckpt.torchsave.reader import record_spans
+    from uckpt.torchsave.zipfmt import record_spans
 
     try:
         spans = record_spans(path)

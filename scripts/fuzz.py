@@ -73,7 +73,7 @@ def _files(tag):
 
 
 def _flip(path, rng, pick):
-    from uckpt.torchsave.reader import record_spans
+    from uckpt.torchsave.zipfmt import record_spans
 
     name, (start, size) = rng.choice(sorted((n, s) for n, s in record_spans(path).items() if pick(n) and s[1]))
     at = start + rng.randrange(size)

@@ -234,7 +234,7 @@ def test_a_conversion_holding_the_output_lock_stops_the_second(store, tmp_path, 
 
 def _flip(path, at=0):
     """Flip one bit inside the largest tensor record of ``path``; returns the record's name."""
-    from uckpt.torchsave.reader import record_spans
+    from uckpt.torchsave.zipfmt import record_spans
 
     name, (start, _) = max(((n, s) for n, s in record_spans(path).items() if "/data/" in n), key=lambda x: x[1][1])
     with open(path, "r+b") as f:

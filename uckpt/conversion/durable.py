@@ -8,7 +8,7 @@ import zipfile
 from typing import Any, Dict, List, Optional
 
 from ..torchsave import writer as tsave
-from ..torchsave.reader import records_crcs, verify_crc
+from ..torchsave.zipfmt import records_crcs, verify_crc
 
 RESUME_FOLDER = ".uckpt-resume"  # inside a partial folder: what a rerun needs to resume it (removed on publish)
 RESUME_KEY_FILE = "key.json"

@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import constants as C
 from ..errors import CheckpointError, UnsupportedCheckpointError
-from ..torchsave.reader import FileDescriptors, FileTensor, open_lazy, verify_crc
+from ..torchsave.reader import FileDescriptors, FileTensor, open_lazy
+from ..torchsave.zipfmt import verify_crc
 from ..regions import Kind, Source, SourceKind
 from .checked import Checked
 from .files import Family

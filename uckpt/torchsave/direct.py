@@ -18,7 +18,7 @@ import errno
 import mmap
 import os
 
-from .reader import pread_into
+from .zipfmt import pread_into
 from .format import ALIGNMENT
 from .stats import IO
 

@@ -16,30 +16,16 @@ import codecs
 import io
 import os
 import pickle
-import struct
 import threading
 import zipfile
-import zlib
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import format as F
 from .format import row_major_strides, shape_numel
 from .stats import IO
+from .zipfmt import Unsupported, legacy, pread_into, records
 
-_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
-_LOCAL_HEADER_MAGIC = b"PK\x03\x04"
-
-
-def pread_into(fd: int, view: memoryview, offset: int):
-    """Fill ``view`` with the file's bytes from ``offset`` (straight into the destination, no copy)."""
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if not got:
-            raise EOFError(f"file ends at byte {offset + done}, {len(view) - done} bytes short")
-        done += got
-    IO.add(read_bytes=len(view), read_calls=1)
 
 
 class FileDescriptors:
@@ -181,10 +167,6 @@ class _StorageType:
         self.dtype = dtype
 
 
-class _Unsupported(Exception):
-    pass
-
-
 # Globals resolved for real: plain containers and functions that build nothing but data. Every other
 # global of a pickle becomes an inert stand-in (uckpt.torchsave.format.Stub): it records how the
 # pickle built it and is never called, so no code from a checkpoint ever runs.
@@ -214,26 +196,6 @@ EXPECTED_STAND_INS = frozenset({
 })
 
 
-def _records(zf: zipfile.ZipFile, raw) -> Dict[str, Tuple[int, int]]:
-    """Each stored record's (data offset, size), each checked to lie inside the file."""
-    out = {}
-    end = os.fstat(raw.fileno()).st_size
-    for info in zf.infolist():
-        raw.seek(info.header_offset)
-        header = raw.read(_LOCAL_HEADER.size)
-        if len(header) < _LOCAL_HEADER.size:
-            raise F.FormatError(f"record {info.filename} starts past the end of the file")
-        fields = _LOCAL_HEADER.unpack(header)
-        if fields[0] != _LOCAL_HEADER_MAGIC or info.compress_type != zipfile.ZIP_STORED:
-            raise _Unsupported(info.filename)
-        offset = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
-        if info.compress_size != info.file_size or offset + info.file_size > end:
-            raise F.FormatError(f"record {info.filename} declares {info.file_size} bytes at offset {offset}, past "
-                                f"the end of the {end}-byte file")
-        out[info.filename] = (offset, info.file_size)
-    return out
-
-
 def open_lazy(path: str, stand_ins: Optional[Set[str]] = None) -> Any:
     """The object saved in ``path`` with each tensor as a :class:`FileTensor` (no tensor bytes read).
 
@@ -246,7 +208,7 @@ def open_lazy(path: str, stand_ins: Optional[Set[str]] = None) -> Any:
     ``torch.load`` with ``weights_only=True``."""
     try:
         return _open_zip(path, stand_ins)
-    except _Unsupported:
+    except Unsupported:
         import torch
         mmap = zipfile.is_zipfile(path)  # the legacy format cannot be memory-mapped
         try:
@@ -277,30 +239,30 @@ def _open_zip(path: str, stand_ins: Optional[Set[str]]) -> Any:
         try:
             zf = zipfile.ZipFile(raw)
         except zipfile.BadZipFile:
-            if _legacy(raw):
-                raise _Unsupported("legacy format") from None
+            if legacy(raw):
+                raise Unsupported("legacy format") from None
             raise
         names = zf.namelist()
         pkl = next((n for n in names if n.endswith("/" + F.DATA_PKL) or n == F.DATA_PKL), None)
         if pkl is None:
-            raise _Unsupported("no data.pkl")
+            raise Unsupported("no data.pkl")
         prefix = pkl[:-len(F.DATA_PKL)]
         order = prefix + F.BYTEORDER[0]
         if order in names and zf.read(order).strip() != F.BYTEORDER[1]:
             raise F.FormatError(f"was saved on a {zf.read(order).strip().decode(errors='replace')}-endian machine; "
                                 "uckpt reads little-endian files only")
-        records = _records(zf, raw)
+        spans = records(zf, raw)
         data = zf.read(pkl)
         IO.add(read_bytes=len(data), read_calls=1)
 
     def rebuild(storage, storage_offset, size, stride, requires_grad=False, *_):
         if not isinstance(storage, tuple) or len(storage) != 2:
-            raise _Unsupported("storage")
+            raise Unsupported("storage")
         dtype, key = storage
         record = f"{prefix}{F.DATA_PREFIX}{key}"
-        if record not in records:
+        if record not in spans:
             raise F.FormatError(f"a tensor names storage record {key!r}, which the file does not hold")
-        offset, nbytes = records[record]
+        offset, nbytes = spans[record]
         size, stride = tuple(size), tuple(stride)
         _check_extent(dtype, nbytes, storage_offset, size, stride)
         return FileTensor(path, offset, dtype, int(storage_offset), size, stride, bool(requires_grad), nbytes)
@@ -329,7 +291,7 @@ def _open_zip(path: str, stand_ins: Optional[Set[str]]) -> Any:
             if module == "torch._tensor" and name == "_rebuild_from_type_v2":
                 return rebuild_from_type
             if module == "torch._utils" and name.startswith("_rebuild"):
-                raise _Unsupported(name)
+                raise Unsupported(name)
             if module == "torch" and name in F.STORAGE_DTYPES:
                 return _StorageType(F.STORAGE_DTYPES[name])
             if module == "torch" and name == "Size":
@@ -348,7 +310,7 @@ def _open_zip(path: str, stand_ins: Optional[Set[str]]) -> Any:
 
     try:
         obj = Unpickler(io.BytesIO(data)).load()
-    except (F.FormatError, _Unsupported):
+    except (F.FormatError, Unsupported):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a damaged or crafted pickle makes the unpickler do
         raise F.FormatError(f"its pickle cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from None
@@ -384,60 +346,6 @@ def _check_expansion(obj: Any, pickle_bytes: int):
         size(obj)
     except RecursionError:
         raise F.FormatError("its pickle nests objects too deeply") from None
-
-
-def record_spans(path: str) -> Dict[str, Tuple[int, int]]:
-    """Each record of a ``torch.save`` zip: its name -> (offset of its data in the file, size)."""
-    with open(path, "rb") as raw, zipfile.ZipFile(raw) as zf:
-        return _records(zf, raw)
-
-
-def records_crcs(path: str) -> List[int]:
-    """The CRC-32 of each record, in file order, as the zip's central directory holds them (no data read)."""
-    with zipfile.ZipFile(path) as zf:
-        return [info.CRC for info in sorted(zf.infolist(), key=lambda i: i.header_offset)]
-
-
-def verify_crc(path: str, chunk: int = 16 << 20) -> int:
-    """Check every record of a ``torch.save`` zip against the CRC-32 its central directory holds,
-    streaming each record once; returns the bytes checked. A legacy (non-zip) file has no CRCs: 0."""
-    with open(path, "rb") as raw:
-        try:
-            zf = zipfile.ZipFile(raw)
-        except zipfile.BadZipFile:
-            if _legacy(raw):
-                return 0
-            raise F.FormatError("is not a torch.save file (neither a zip archive nor torch's legacy format)") \
-                from None
-        try:
-            records = _records(zf, raw)
-        except _Unsupported as exc:
-            raise F.FormatError(f"record {exc} is compressed or has a damaged header") from None
-        infos = zf.infolist()
-    fd = os.open(path, os.O_RDONLY)
-    checked = 0
-    try:
-        buf = bytearray(min(chunk, max([i.file_size for i in infos] + [1])))
-        for info in infos:
-            offset, size = records[info.filename]
-            crc, done = 0, 0
-            while done < size:
-                view = memoryview(buf)[:min(len(buf), size - done)]
-                pread_into(fd, view, offset + done)
-                crc = zlib.crc32(view, crc)
-                done += len(view)
-            if crc != info.CRC:
-                raise F.FormatError(f"record {info.filename} fails its CRC-32 check ({crc:08x}, the zip records "
-                                    f"{info.CRC:08x}): its bytes are damaged")
-            checked += size
-    finally:
-        os.close(fd)
-    return checked
-
-
-def _legacy(raw) -> bool:
-    raw.seek(0)
-    return raw.read(2) == b"\x80\x02"  # the pre-zip torch.save format starts with a pickle
 
 
 def _wrap_loaded(path: str, obj: Any) -> Any:
