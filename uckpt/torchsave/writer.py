@@ -339,11 +339,12 @@ def save_recorded(obj: Any, path: str) -> Tuple[int, int]:
     return recorded
 
 
-def to_bytes(obj: Any, path: str) -> bytes:
-    """The bytes ``save(obj, path)`` would write (for small files, written later in a batch)."""
+def to_bytes(obj: Any, path: str) -> Tuple[bytes, int]:
+    """The bytes ``save(obj, path)`` would write (for small files, written later in a batch), and
+    their :func:`records_digest`."""
     sink = io.BytesIO()
-    _write_zip(obj, _stem(path), sink)
-    return sink.getvalue()
+    _, digest = _write_zip(obj, _stem(path), sink)
+    return sink.getvalue(), digest
 
 
 def write_bytes(path: str, data) -> int:
