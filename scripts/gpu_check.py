@@ -5,7 +5,10 @@
 2. Convert with ``uckpt.convert`` inside an NCCL process group (fragments travel as CUDA
    tensors), and with ``torchrun -m uckpt convert`` (backend auto); compare both with
    DeepSpeed's ``ds_to_universal.py`` output.
-3. Resume on the GPU at ZeRO-1 with DeepSpeed's ``load_universal`` and with
+3. Save in-job from the GPU (``uckpt.save_universal``, blocking over NCCL and in the background with
+   the live state overwritten while it converts); compare each with ``save_checkpoint`` of the same
+   state followed by ``ds_to_universal.py``.
+4. Resume on the GPU at ZeRO-1 with DeepSpeed's ``load_universal`` and with
    ``uckpt.load_into_engine``, and at ZeRO-3 with uckpt's (DeepSpeed 0.19.8 refuses a ZeRO-2-made
    Universal checkpoint there): same fp32 parameters, Adam moments and step; same next losses at ZeRO-1.
 
@@ -99,9 +102,14 @@ def main():
     model = ["--layers", "4", "--hidden", "64", "--vocab", "128"]
 
     _, secs = _run(_torchrun(1, "-m", "examples.tiny_train", "--zero-stage", "2", "--dtype", "bf16",
-                             "--steps", "3", "--save-dir", w("native"), "--tag", "step3", *model))
+                             "--steps", "3", "--save-dir", w("native"), "--tag", "step3", *model,
+                             "--save-universal", w("injob"), "--inject-missing-state"))
     tag = w("native", "step3")
     print(f"trained and saved on the GPU with DeepSpeed ZeRO-2 bf16: {secs:.1f}s", flush=True)
+    # the same state again, in the background, with the live GPU state overwritten while it converts
+    _run(_torchrun(1, "-m", "examples.tiny_train", "--zero-stage", "2", "--dtype", "bf16", "--steps", "3",
+                   "--save-dir", w("native-bg"), "--tag", "step3", *model, "--save-universal", w("injob-bg"),
+                   "--inject-missing-state", "--background", "--clobber-after-save", "--report", w("bg.json")))
 
     _, secs = _run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag,
                     "--output_folder", w("ds", "universal"), "--inject_missing_state"])
@@ -125,6 +133,21 @@ def main():
           flush=True)
     if diffs:
         failures.append("torchrun conversion")
+
+    for name, native, injob in (("blocking (NCCL)", tag, w("injob", "global_step3_universal")),
+                                ("background (pinned snapshot, gloo)", w("native-bg", "step3"),
+                                 w("injob-bg", "global_step3_universal"))):
+        reference = w("ds-" + os.path.basename(os.path.dirname(native)))
+        _run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", native,
+              "--output_folder", reference, "--inject_missing_state"])
+        diffs = compare_universal(injob, reference, skip=lambda rel: rel == TIED_ALIAS)
+        print(f"uckpt.save_universal on the GPU, {name}: {len(diffs)} differences from save_checkpoint + "
+              f"ds_to_universal {diffs[:3]}", flush=True)
+        if diffs:
+            failures.append(f"in-job save {name}")
+    bg = json.load(open(w("bg.json.injob.json")))["in_job"]
+    print(f"background save: blocked {bg['blocked_s']:.3f}s, total {bg['total_s']:.3f}s, snapshot "
+          f"{bg['snapshot_bytes'] / 2**20:.1f} MiB", flush=True)
 
     dumps = {}
     for stage, loader, folder in (("1", "deepspeed", "ds"), ("1", "uckpt", "nccl"), ("3", "uckpt", "nccl")):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install uckpt with its pinned dependencies (torch 2.13.0 CPU build,
-# deepspeed 0.19.8, transformers 5.22.2 for tests). Re-running is cheap: it reinstalls only when
-# pyproject.toml changed.
+# Create .venv (if missing) and install uckpt with the exact versions of constraints.txt (torch 2.13.0
+# CPU build, deepspeed 0.19.8, transformers 5.22.2 for tests; pyproject.toml itself declares ranges).
+# Re-running is cheap: it reinstalls only when pyproject.toml or constraints.txt changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,9 +9,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.uckpt-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 \
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
   .venv/bin/python -c "import torch, deepspeed, omegaconf, uckpt" 2>/dev/null \
     || { echo "setup: install failed" >&2; exit 1; }

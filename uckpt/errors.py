@@ -17,6 +17,17 @@ class CheckpointError(UckptError):
     """The input is not a checkpoint uckpt can convert (missing, truncated or inconsistent files)."""
 
 
+class InvalidCheckpointError(CheckpointError, ValueError):
+    """The checkpoint cannot be loaded as asked: it does not fit the target (a shape, an expert count, a
+    TP split) or no tag names it. DeepSpeed's loader raises ``ValueError`` for these, so code that
+    catches ``ValueError`` around ``engine.load_checkpoint`` keeps working with uckpt's loader."""
+
+
+class UnsupportedEngineError(UckptError, NotImplementedError):
+    """An engine uckpt's loader does not restore (NVMe optimizer offload, no ZeRO / BF16 optimizer):
+    :func:`uckpt.use_for_universal_loads` hands such loads back to DeepSpeed's own loader."""
+
+
 class UnsupportedCheckpointError(UckptError, NotImplementedError):
     """A real checkpoint layout that uckpt does not convert yet."""
 

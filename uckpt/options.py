@@ -82,7 +82,11 @@ class LoadConfig:
 
     tag: Optional[str] = None  # None: the tag latest_universal names
     module_extras: bool = True  # restore frozen parameters and buffers from their fp32.pt
-    lr_scheduler_states: bool = True  # restore the LR scheduler from the model-state file
+    # DeepSpeed's engine.load_checkpoint flags, with its names and defaults
+    load_module_strict: bool = True  # refuse a checkpoint lacking a target parameter or holding one it lacks
+    load_optimizer_states: bool = True  # restore moments, step and param-group hyperparameters
+    load_lr_scheduler_states: bool = True  # restore the LR scheduler from the model-state file
+    load_module_only: bool = False  # weights only: no optimizer state, LR scheduler or step counters
     # UNSAFE: unpickle the returned client state with torch.load(weights_only=False), which runs any code
     # the file names. Only for checkpoints you made yourself; everything else is always read safely.
     trust_checkpoint: bool = False

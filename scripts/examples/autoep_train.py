@@ -10,8 +10,8 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from .autotp_train import VOCAB, add_train_args, resume_and_train
-from .tiny_train import add_job_args
+from .autotp_train import VOCAB, add_train_args, lm_loss
+from .tiny_train import add_job_args, run
 
 
 def build_model(experts: int = 8, hidden: int = 32):
@@ -39,20 +39,25 @@ def main(argv=None):
 
     deepspeed.init_distributed(dist_backend="gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    model = build_model(args.experts, args.hidden)
     per_rank = args.global_batch // world
-    cfg = {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
-           "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
-           "zero_optimization": {"stage": args.zero_stage}, "bf16": {"enabled": args.dtype == "bf16"},
-           "expert_parallel": {"enabled": True, "autoep_size": args.ep, "preset_model": "mixtral",
-                               "use_grouped_mm": False},
-           "steps_per_print": 10**9}
-    if args.data_before_ep:
-        cfg["use_data_before_expert_parallelism"] = True
-    if args.load_dir and args.loader == "deepspeed":
-        cfg["checkpoint"] = {"load_universal": True}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    resume_and_train(engine, args, rank * per_rank, per_rank)
+
+    def make_engine(args):
+        model = build_model(args.experts, args.hidden)
+        cfg = {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
+               "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
+               "zero_optimization": {"stage": args.zero_stage}, "bf16": {"enabled": args.dtype == "bf16"},
+               "expert_parallel": {"enabled": True, "autoep_size": args.ep, "preset_model": "mixtral",
+                                   "use_grouped_mm": False},
+               "steps_per_print": 10**9}
+        if args.data_before_ep:
+            cfg["use_data_before_expert_parallelism"] = True
+        if args.load_dir and args.loader != "uckpt":
+            cfg["checkpoint"] = {"load_universal": True}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        return engine
+
+    run(args, make_engine, lm_loss(args, rank * per_rank, per_rank))
+
 
 if __name__ == "__main__":
     main()

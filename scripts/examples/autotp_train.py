@@ -9,7 +9,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from .tiny_train import add_job_args, dump_state, load, train_steps
+from .tiny_train import add_job_args, run
 
 VOCAB = 128
 
@@ -97,35 +97,32 @@ def main(argv=None):
     deepspeed.init_distributed(dist_backend="gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = world // args.tp
-    model = build_model(args.hidden, args.model, args.heads, args.kv_heads)
     per_dp = args.global_batch // dp
-    # No train_batch_size: DeepSpeed 0.19.8 checks it against the world size under ZeRO-1/2 and, under
-    # ZeRO-3 with AutoTP, against different sizes on different ranks (seen here); it derives it instead.
-    cfg = {"train_micro_batch_size_per_gpu": per_dp, "gradient_accumulation_steps": 1,
-           "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
-           "zero_optimization": {"stage": args.zero_stage}, "bf16": {"enabled": args.dtype == "bf16"},
-           "tensor_parallel": tp_config(args), "steps_per_print": 10**9}
-    if args.load_dir and args.loader == "deepspeed":
-        cfg["checkpoint"] = {"load_universal": True}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    resume_and_train(engine, args, (rank // args.tp) * per_dp, per_dp)
+
+    def make_engine(args):
+        model = build_model(args.hidden, args.model, args.heads, args.kv_heads)
+        # No train_batch_size: DeepSpeed 0.19.8 checks it against the world size under ZeRO-1/2 and, under
+        # ZeRO-3 with AutoTP, against different sizes on different ranks (seen here); it derives it instead.
+        cfg = {"train_micro_batch_size_per_gpu": per_dp, "gradient_accumulation_steps": 1,
+               "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
+               "zero_optimization": {"stage": args.zero_stage}, "bf16": {"enabled": args.dtype == "bf16"},
+               "tensor_parallel": tp_config(args), "steps_per_print": 10**9}
+        if args.load_dir and args.loader != "uckpt":
+            cfg["checkpoint"] = {"load_universal": True}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        return engine
+
+    run(args, make_engine, lm_loss(args, (rank // args.tp) * per_dp, per_dp))
 
 
-def resume_and_train(engine, args, row: int, rows: int):
-    """Resume if asked, then train ``--steps`` steps of a causal LM on rows ``[row, row + rows)`` of each
-    step's fixed global batch (shared by the Hugging Face example trainers)."""
-    if args.load_dir:
-        load(engine, args)
-    if args.dump_state:
-        dump_state(engine, args.dump_state)
-
-    def loss_at(step):
+def lm_loss(args, row: int, rows: int):
+    """The forward pass of a causal LM on rows ``[row, row + rows)`` of each step's fixed global batch
+    (shared by the Hugging Face example trainers)."""
+    def loss_at(engine, step):
         g = torch.Generator().manual_seed(1000 + step)
         data = torch.randint(0, VOCAB, (args.global_batch, 16), generator=g)[row:row + rows]
         return engine(input_ids=data, labels=data).loss
-
-    train_steps(engine, args, engine.global_steps, loss_at)
-
+    return loss_at
 
 if __name__ == "__main__":
     main()

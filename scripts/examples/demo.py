@@ -1,8 +1,9 @@
 """The built-in example, end to end, with real DeepSpeed on CPU:
 
 1. train a tiny model at DP=2 (ZeRO-2, bf16) for 6 steps, saving a checkpoint after step 3;
+   and, in the same job, a Universal checkpoint written from memory by ``uckpt.save_universal``;
 2. convert that checkpoint with ``torchrun --nproc_per_node 2 -m uckpt convert``;
-3. convert it with DeepSpeed's ``ds_to_universal.py`` too and compare the two outputs;
+3. convert it with DeepSpeed's ``ds_to_universal.py`` too and compare the three outputs;
 4. resume from uckpt's output at DP=3 with ``"checkpoint": {"load_universal": true}``;
 5. print the losses before / after and a per-parameter check table. Exit 1 if a check fails.
 """
@@ -37,11 +38,15 @@ def main(argv=None) -> int:
 
     step("1. train at DP=2 (ZeRO-2, bf16, torch Adam), save after step 3")
     t = time.time()
+    injob = os.path.join(work, "injob")
     runner.train(2, "--zero-stage", "2", "--dtype", "bf16", "--steps", "6", "--save-at", "3", "--save-dir", native,
-                 "--report", os.path.join(work, "original.json"))
+                 "--save-universal", injob, "--inject-missing-state", "--report", os.path.join(work, "original.json"))
     original = json.load(open(os.path.join(work, "original.json")))["losses"]
     tag = os.path.join(native, open(os.path.join(native, "latest")).read().strip())
     print(f"   saved {tag} ({time.time() - t:.1f}s)")
+    injob_report = json.load(open(os.path.join(work, "original.json.injob.json")))
+    print(f"   and, in the same job, uckpt.save_universal wrote {injob}/global_step3_universal from memory "
+          f"({injob_report['in_job']['total_s']:.2f}s)")
 
     step("2. convert with: torchrun --nproc_per_node 2 -m uckpt convert --input_folder ... --output_folder ...")
     proc = runner.uckpt_convert(2, tag, ours, "--inject_missing_state")
@@ -57,6 +62,10 @@ def main(argv=None) -> int:
           f"(tied alias head.weight: uckpt writes the fp32 master, DeepSpeed a bf16 cast)")
     for d in diffs[:10]:
         print("   DIFF " + d)
+    injob_diffs = compare_universal(os.path.join(injob, "global_step3_universal"), ours)
+    print(f"   the training job's own Universal checkpoint (no native save read): "
+          f"{'identical to the converted one' if not injob_diffs else 'DIFFERENT'}")
+    diffs += injob_diffs
 
     step("4. resume from uckpt's output at DP=3 with load_universal, train 3 more steps")
     runner.train(3, "--zero-stage", "2", "--dtype", "bf16", "--steps", "3", "--load-dir", os.path.dirname(ours),

@@ -56,7 +56,7 @@ def main(argv=None):
            "gradient_accumulation_steps": 2,
            "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
            "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "steps_per_print": 10**9}
-    if args.load_dir and args.loader == "deepspeed":
+    if args.load_dir and args.loader != "uckpt":
         cfg["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=cfg)

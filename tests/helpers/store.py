@@ -3,7 +3,7 @@ each, uckpt's conversions and resumed runs, each built once per session and cach
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -19,25 +19,30 @@ class Ckpt:
     module: str = "examples.tiny_train"
     steps: int = 5
     save_at: int = 3
+    # the same run also saves a Universal checkpoint from memory at save_at (uckpt.save_universal):
+    # "blocking", or "background" (the live state is overwritten with NaN while it converts)
+    injob: Optional[str] = None
 
 
 CKPTS: Dict[str, Ckpt] = {
     # tied embedding/head, frozen layer, buffer, zero-size param, two param groups (all tiny_train models)
-    "z2-bf16-dp4": Ckpt(4, ("--zero-stage", "2", "--dtype", "bf16")),
-    "z1-bf16-dp2": Ckpt(2, ("--zero-stage", "1", "--dtype", "bf16")),
-    "z2-fp32-dp3": Ckpt(3, ("--zero-stage", "2", "--dtype", "fp32")),  # uneven partitions
-    "z3-bf16-dp2": Ckpt(2, ("--zero-stage", "3", "--dtype", "bf16")),
-    "z3-fp32-dp3": Ckpt(3, ("--zero-stage", "3", "--dtype", "fp32")),  # uneven ZeRO-3 partitions
+    "z2-bf16-dp4": Ckpt(4, ("--zero-stage", "2", "--dtype", "bf16"), injob="background"),
+    "z1-bf16-dp2": Ckpt(2, ("--zero-stage", "1", "--dtype", "bf16"), injob="blocking"),
+    "z2-fp32-dp3": Ckpt(3, ("--zero-stage", "2", "--dtype", "fp32"), injob="blocking"),  # uneven partitions
+    "z3-bf16-dp2": Ckpt(2, ("--zero-stage", "3", "--dtype", "bf16"), injob="background"),
+    "z3-fp32-dp3": Ckpt(3, ("--zero-stage", "3", "--dtype", "fp32"), injob="blocking"),  # uneven ZeRO-3
+    # with a WarmupLR scheduler, whose state the load flags restore or not
+    "z2-bf16-dp2-sched": Ckpt(2, ("--zero-stage", "2", "--dtype", "bf16", "--scheduler")),
     # pipeline (ZeRO-1, bf16, tied embedding across stages)
     "pp2-dp1": Ckpt(2, ("--stages", "2"), module="examples.pipe_train", steps=4, save_at=2),
-    "pp2-dp2": Ckpt(4, ("--stages", "2"), module="examples.pipe_train", steps=4, save_at=2),
+    "pp2-dp2": Ckpt(4, ("--stages", "2"), module="examples.pipe_train", steps=4, save_at=2, injob="blocking"),
     # AutoTP: tiny random-weight Llama (GQA, vocabulary head, replicated norms; affine maps in UC info)
     "tp2-dp2-z2-bf16": Ckpt(4, ("--tp", "2", "--zero-stage", "2", "--dtype", "bf16"),
-                            module="examples.autotp_train", steps=4, save_at=2),
+                            module="examples.autotp_train", steps=4, save_at=2, injob="blocking"),
     "tp2-dp1-z1-fp32": Ckpt(2, ("--tp", "2", "--zero-stage", "1", "--dtype", "fp32"),
                             module="examples.autotp_train", steps=3, save_at=2),
     "tp2-dp1-z3-bf16": Ckpt(2, ("--tp", "2", "--zero-stage", "3", "--dtype", "bf16"),
-                            module="examples.autotp_train", steps=3, save_at=2),
+                            module="examples.autotp_train", steps=3, save_at=2, injob="background"),
     # AutoTP on a custom nn.Module split by a custom layer spec (column, fused 2-sub-parameter column, row, replicated)
     "tp2-custom-z2-fp32": Ckpt(2, ("--model", "custom", "--tp", "2", "--zero-stage", "2", "--dtype", "fp32"),
                                module="examples.autotp_train", steps=3, save_at=2),
@@ -49,7 +54,7 @@ CKPTS: Dict[str, Ckpt] = {
                                     "bf16"), module="examples.autotp_train", steps=3, save_at=2),
     # AutoEP: tiny random-weight Mixtral, 8 experts over autoep_size 2 (per-expert files, expert param groups)
     "ep2-dp2-z2-bf16": Ckpt(2, ("--ep", "2", "--zero-stage", "2", "--dtype", "bf16"),
-                            module="examples.autoep_train", steps=4, save_at=2),
+                            module="examples.autoep_train", steps=4, save_at=2, injob="background"),
     # DP=4 over EP=2: each EP rank's experts partitioned over 2 expert-data-parallel ranks
     "ep2-dp4-z1-fp32": Ckpt(4, ("--ep", "2", "--zero-stage", "1", "--dtype", "fp32"),
                             module="examples.autoep_train", steps=3, save_at=2),
@@ -59,7 +64,7 @@ CKPTS: Dict[str, Ckpt] = {
     "ep2-dp2-z3-bf16": Ckpt(2, ("--ep", "2", "--zero-stage", "3", "--dtype", "bf16"),
                             module="examples.autoep_train", steps=4, save_at=2),
     "ep2-dp4-z3-fp32": Ckpt(4, ("--ep", "2", "--zero-stage", "3", "--dtype", "fp32"),
-                            module="examples.autoep_train", steps=3, save_at=2),
+                            module="examples.autoep_train", steps=3, save_at=2, injob="blocking"),
 }
 
 
@@ -87,8 +92,12 @@ class Store:
         def build():
             c = CKPTS[name]
             out = os.path.join(self.root, name, "native")
+            injob = () if c.injob is None else ("--save-universal", os.path.join(self.root, name, "injob"),
+                                                *(("--background", "--clobber-after-save")
+                                                  if c.injob == "background" else ()),
+                                                *(("--inject-missing-state",) if self.injects(name) else ()))
             runner.train(c.nproc, *c.args, "--steps", str(c.steps), "--save-at", str(c.save_at), "--save-dir", out,
-                         "--report", os.path.join(self.root, name, "reference.json"), module=c.module)
+                         "--report", os.path.join(self.root, name, "reference.json"), *injob, module=c.module)
             return out
         return self._once(("native", name), build)
 
@@ -96,6 +105,18 @@ class Store:
         save = self.save_dir(name)
         with open(os.path.join(save, "latest")) as f:
             return os.path.join(save, f.read().strip())
+
+    @staticmethod
+    def injects(name: str) -> bool:
+        """Whether ``name``'s Universal folders are compared with DeepSpeed's ``--inject_missing_state``
+        conversion (the plain models) or its plain one (AutoTP / AutoEP, which write their own UC info)."""
+        return CKPTS[name].module in ("examples.tiny_train", "examples.pipe_train")
+
+    def injob_universal(self, name: str) -> str:
+        """The Universal folder the training run of ``name`` saved from memory (``Ckpt.injob``)."""
+        root = os.path.join(os.path.dirname(self.save_dir(name)), "injob")
+        with open(os.path.join(root, "latest_universal")) as f:
+            return os.path.join(root, f.read().strip())
 
     def reference_losses(self, name: str) -> List[float]:
         self.save_dir(name)
@@ -142,3 +163,37 @@ class Store:
                 report = json.load(f)
             return torch.load(os.path.join(out, "state.pt"), weights_only=False), report
         return self._once(("resume", name, universal, nproc, args), build)
+
+    def load_variants(self, name: str, load_dir: str, nproc: int, args: Tuple[str, ...], variants: List[dict],
+                      steps: int = 2) -> Dict[str, "Loaded"]:
+        """One job of the trainer of ``name`` that loads each of ``variants`` (``--variants``: a name, the
+        loader, DeepSpeed's load flags, trainer options, ``expect_error``) into a fresh engine in turn,
+        dumps its state and trains ``steps`` steps. Returns each variant's state, losses and per-rank
+        load records."""
+        def build():
+            key = f"variants-{len(self._done)}"
+            out = os.path.join(self.root, name, key)
+            os.makedirs(out, exist_ok=True)
+            state, report = os.path.join(out, "state"), os.path.join(out, "report")
+            runner.train(nproc, *args, "--steps", str(steps), "--load-dir", load_dir, "--dump-state", state,
+                         "--report", report, "--variants", json.dumps(variants), module=CKPTS[name].module)
+            results = {}
+            for v in variants:
+                n = v["name"]
+                loads = [json.load(open(f"{report}.{n}.load{r}.json")) for r in range(nproc)] \
+                    if v.get("load_dir", load_dir) else []
+                failed = any("error" in info for info in loads)
+                results[n] = Loaded(None if failed else torch.load(f"{state}.{n}", weights_only=False),
+                                    None if failed else json.load(open(f"{report}.{n}"))["losses"], loads)
+            return results
+        return self._once(("variants", name, load_dir, nproc, args, json.dumps(variants)), build)
+
+
+@dataclass
+class Loaded:
+    """One load of :meth:`Store.load_variants`: the dumped state and next losses (``None`` when the load
+    failed as expected) and each rank's load record (report, client-state keys, error)."""
+
+    state: Optional[dict]
+    losses: Optional[List[float]]
+    loads: List[dict]

@@ -122,7 +122,7 @@ def test_missing_parameter_fails_on_every_rank(store, tmp_path):
                      broken.name, *UCKPT, timeout=240)
     # every rank checks every parameter before touching the engine, so none waits in a collective:
     # the job ends within the timeout, and torchrun reports the first rank's error
-    assert "parameter blocks.1.weight has no folder in the checkpoint" in str(exc.value)
+    assert "have no folder in the checkpoint: blocks.1.weight" in str(exc.value)
 
 
 def test_shape_mismatch_names_parameter_and_shapes(store):

@@ -15,9 +15,10 @@ ALLOWED = {
     "dsformat": {"errors", "regions", "torchsave"},
     "conversion": {"dsformat", "errors", "options", "regions", "torchsave", "__version__"},
     "load": {"dsformat", "errors", "options", "regions", "torchsave"},
+    "injob": {"conversion", "dsformat", "errors", "options", "regions", "torchsave"},
     "api": {"conversion", "options"},
     "tools": {"api", "conversion", "dsformat", "errors", "load", "options", "regions", "torchsave", "__version__"},
-    "__init__": {"api", "errors", "load"},
+    "__init__": {"api", "errors", "load", "injob"},
     "__main__": {"tools"},
 }
 

@@ -41,7 +41,7 @@ def test_shipped_configs_are_valid():
 
 def test_load_and_verify_schemas():
     cfg = config.build(None, ["tag=global_step7"], {"module_extras": False}, schema=config.LoadConfig)
-    assert cfg.tag == "global_step7" and cfg.module_extras is False and cfg.lr_scheduler_states is True
+    assert cfg.tag == "global_step7" and cfg.module_extras is False and cfg.load_lr_scheduler_states is True
     with pytest.raises(UckptError, match="did you mean 'module_extras'"):
         config.build(None, [], {"module_extra": False}, schema=config.LoadConfig)
     with pytest.raises(UckptError, match="universal is required"):
@@ -55,3 +55,14 @@ def test_print_config_shows_the_resolved_settings(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 2  # the input does not exist, but the resolved config was printed first
     assert "budget_mb: 123" in out and "timeout_s: 1800" in out and "threads: 8" in out
+
+
+def test_deepspeed_version_outside_the_verified_range_warns_once_and_old_ones_are_refused():
+    from uckpt.dsformat import compat
+
+    assert compat.check_deepspeed("0.19.8") is None and compat.check_deepspeed("0.19.12+abc") is None
+    with pytest.warns(RuntimeWarning, match=r"DeepSpeed 0\.21\.0 is installed.*verified against DeepSpeed 0\.19\.8"):
+        assert "0.21.0" in compat.check_deepspeed("0.21.0")
+    with pytest.raises(UckptError, match="DeepSpeed 0.9.5 is installed"):
+        compat.check_deepspeed("0.9.5")
+    assert compat.check_deepspeed(compat.installed()) is None  # the pinned one

@@ -13,7 +13,7 @@ from deepspeed.checkpoint.universal_checkpoint import SubparamShape, load_hp_che
 from uckpt.dsformat import constants as C
 from uckpt.torchsave import reader as ranged
 from uckpt.torchsave.stats import IO
-from uckpt.errors import CheckpointError
+from uckpt.errors import CheckpointError, InvalidCheckpointError
 from uckpt.dsformat.zero3 import zero3_span
 from uckpt.load.slicing import Target, read_flat, shard_map
 
@@ -129,9 +129,17 @@ def test_expert_count_must_divide(tmp_path):
         shard_map((8, 3), info, Target((2, 3), ep_rank=0, ep_size=3), C.FP32_WEIGHT_KEY)
 
 
+def test_expert_count_mismatch_names_both_local_counts():
+    """DeepSpeed's wording, and a ValueError as DeepSpeed's (16 target experts over EP 2 = 8 local)."""
+    info = {C.EP_IS_EXPERT_PARAM: True, C.EP_NUM_EXPERTS: 8}
+    with pytest.raises(ValueError, match="target_local_experts=8, checkpoint_local_experts=4"):
+        shard_map((8, 3), info, Target((8, 3), ep_rank=0, ep_size=2, name="experts.w1"), C.FP32_WEIGHT_KEY)
+
+
 def test_shape_mismatch_names_both_shapes():
-    with pytest.raises(CheckpointError, match=r"blocks.0.weight.*\[8, 6\].*\[5, 6\]"):
+    with pytest.raises(InvalidCheckpointError, match=r"blocks.0.weight.*\[8, 6\].*\[5, 6\]") as exc:
         shard_map((8, 6), {}, Target((5, 6), 0, 2, name="blocks.0.weight"), C.FP32_WEIGHT_KEY)
+    assert isinstance(exc.value, ValueError) and isinstance(exc.value, CheckpointError)
 
 
 def test_fallback_for_files_that_are_not_zip(tmp_path):

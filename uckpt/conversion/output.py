@@ -42,6 +42,12 @@ def check_paths(input_folder: str, output_folder: str, overwrite: bool):
     if _inside(inp, out):
         raise OutputError("contains the input checkpoint folder", output_folder,
                           "choose an output folder that does not hold the input")
+    check_output(output_folder, overwrite)
+
+
+def check_output(output_folder: str, overwrite: bool):
+    """Refuse to replace anything but a Universal checkpoint, and that only with ``overwrite``."""
+    out = normalise(output_folder)
     if os.path.lexists(out) and not overwrite:
         raise OutputError("already exists", output_folder, "pass --overwrite to replace it, or choose another folder")
     if os.path.lexists(out) and not looks_converted(out):

@@ -6,7 +6,7 @@ I/O, no collectives, deterministic, so every rank computes the same plan and the
 unit-testable without processes.
 """
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from ..dsformat.constants import TENSOR_STATES
 from ..dsformat.index import CheckpointIndex
@@ -143,9 +143,11 @@ def make_waves(index: CheckpointIndex, readers: Sequence[int], owners: Sequence[
     return waves
 
 
-def make_plan(index: CheckpointIndex, world: int, budget_bytes: int) -> ConvertPlan:
-    sizes = [s.nbytes for s in index.files.sources]
-    readers = assign_readers(sizes, world)
+def make_plan(index: CheckpointIndex, world: int, budget_bytes: int,
+              readers: Optional[Sequence[int]] = None) -> ConvertPlan:
+    """The plan for ``world`` ranks; ``readers`` (source index -> rank) where the input decides who holds
+    each file (an in-job save: the rank that would write it), else spread by size."""
+    readers = list(readers) if readers is not None else assign_readers([s.nbytes for s in index.files.sources], world)
     owners = assign_owners(index, readers, world)
     return ConvertPlan(
         world_size=world,

@@ -12,12 +12,12 @@ from ..options import ConvertConfig, to_plain
 from .plan import ConvertPlan
 
 
-def header(cfg: ConvertConfig, index: CheckpointIndex, plan: ConvertPlan, backend: str) -> Dict[str, Any]:
-    """What every rank knows once the plan is made."""
+def header(cfg: ConvertConfig, index: CheckpointIndex, plan: ConvertPlan, backend: str, source: str) -> Dict[str, Any]:
+    """What every rank knows once the plan is made (``source``: the input folder, or an in-job save)."""
     files = index.files
     return {
         "uckpt_version": __version__,
-        "input_folder": os.path.abspath(cfg.input_folder),
+        "input_folder": source,
         "output_folder": os.path.abspath(cfg.output_folder),
         "checkpoint": {"family": index.family, "zero_stage": index.zero_stage, "dp": index.dp_degree,
                        "tp": index.tp_degree, "pp": index.pp_degree, "files": len(files.sources),

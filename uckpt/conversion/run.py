@@ -18,17 +18,19 @@ from typing import Any, Dict, List, Optional, Set
 
 from .. import __version__
 from ..dsformat import constants as C
-from ..dsformat.files import CheckpointFiles, discover
+from ..dsformat.compat import check_deepspeed
+from ..dsformat.files import CheckpointFiles
 from ..dsformat.index import CheckpointIndex, build_index
-from ..dsformat.shards import check_integrity, load_shard, source_meta
+from ..dsformat.shards import source_meta
 from ..errors import UckptError
 from ..options import ConvertConfig
 from ..torchsave.reader import EXPECTED_STAND_INS
 from ..torchsave.stats import IO
 from . import exchange, payloads, report as reportmod
 from .comm import Comm, Phase
-from .output import OutputFolder, OutputSink, check_paths
-from .plan import ConvertPlan, assign_readers, describe, make_plan, param_bytes
+from .inputs import FolderInput, NativeInput
+from .output import OutputFolder, OutputSink, check_output, check_paths
+from .plan import ConvertPlan, describe, make_plan, param_bytes
 from .progress import Progress
 from .source import FragmentSource, ShardFiles
 
@@ -51,18 +53,23 @@ class _Run:
         return Phase(self.comm, self.timings, name)
 
 
-def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
-    """Convert ``cfg.input_folder`` into ``cfg.output_folder`` on all ranks of ``comm``; returns the report."""
+def run(cfg: ConvertConfig, comm: Comm, stream=None, inp: Optional[NativeInput] = None) -> Dict[str, Any]:
+    """Convert ``inp`` (default: the tag folder ``cfg.input_folder``) into ``cfg.output_folder`` on all
+    ranks of ``comm``; returns the report."""
     t_start, io_start = time.monotonic(), IO.snapshot()
+    inp = inp if inp is not None else FolderInput(cfg.input_folder)
     r = _Run(cfg, comm, Progress(0, 0, enabled=(comm.rank == 0 and not cfg.log.quiet), stream=stream or sys.stderr))
-    r.progress.log(f"uckpt {__version__}: converting {cfg.input_folder} -> {cfg.output_folder} "
+    r.progress.log(f"uckpt {__version__}: converting {inp.label} -> {cfg.output_folder} "
                    f"on {comm.world_size} rank(s) (backend {comm.backend})")
-    files = _discover(r)
-    shards, metas = _read_metadata(r, files)
-    _verify_crc(r, files)
-    index, plan = _plan(r, files, metas)
-    report = reportmod.header(cfg, index, plan, comm.backend)
+    ds_note = check_deepspeed()  # a warning outside the DeepSpeed releases the format was verified against
+    files = _discover(r, inp)
+    shards, metas, readers = _read_metadata(r, files, inp)
+    _verify_crc(r, files, inp)
+    index, plan = _plan(r, files, metas, readers)
+    report = reportmod.header(cfg, index, plan, comm.backend, inp.label)
     report["unknown_globals"] = sorted(r.unknown_globals)
+    if ds_note:
+        report["notes"].append(ds_note)
     if cfg.dry_run:
         if comm.rank == 0 and not cfg.log.quiet:
             print(describe(index, plan), file=sys.stdout, flush=True)
@@ -73,7 +80,7 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
     out = OutputFolder(cfg.output_folder, cfg.io.threads, run_id=run_id, overwrite=cfg.overwrite,
                        wait_for_lock=cfg.wait_for_lock)
     try:
-        _write(r, index, plan, shards, source, out)
+        _write(r, index, plan, shards, source, out, inp)
         report["ranks"] = comm.all_gather_object(reportmod.rank_io(comm.rank, r.opened, r.read_bytes,
                                                                    out.bytes_written, out.files_written,
                                                                    IO.since(io_start), r.crc_bytes))
@@ -87,7 +94,7 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
                 report["latest_universal"] = out.finish()
     except BaseException as exc:
         if comm.rank == 0:  # a refusal removes the partial folder; a run cut short leaves it to be resumed
-            out.abort(keep=not isinstance(exc, UckptError))
+            out.abort(keep=not isinstance(exc, UckptError) and inp.resume_key() is not None)
         raise
     finally:
         out.close()
@@ -97,24 +104,27 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None) -> Dict[str, Any]:
     return report
 
 
-def _discover(r: _Run) -> CheckpointFiles:
+def _discover(r: _Run, inp: NativeInput) -> CheckpointFiles:
     with r.phase("discover"):
-        files = discover(r.cfg.input_folder)
+        files = inp.files(r.comm)
         if not r.cfg.dry_run:
-            check_paths(r.cfg.input_folder, r.cfg.output_folder, r.cfg.overwrite)
+            if isinstance(inp, FolderInput):
+                check_paths(r.cfg.input_folder, r.cfg.output_folder, r.cfg.overwrite)
+            else:
+                check_output(r.cfg.output_folder, r.cfg.overwrite)
     return files
 
 
-def _read_metadata(r: _Run, files: CheckpointFiles):
+def _read_metadata(r: _Run, files: CheckpointFiles, inp: NativeInput):
     """Each rank opens the shards it reads (pickles only) and every rank gets every file's metadata."""
-    readers = assign_readers([s.nbytes for s in files.sources], r.comm.world_size)
+    readers = inp.readers(files, r.comm)
     shards: Dict[int, Any] = {}
     metas: Dict[int, Any] = {}
     seen: Set[str] = set()  # globals the shards name that became inert stand-ins
     with r.phase("read_metadata"):
         for s in files.sources:
             if readers[s.index] == r.comm.rank:
-                shards[s.index] = load_shard(s.path, seen)
+                shards[s.index] = inp.open(s, seen)
                 r.opened.append(s.path)
                 metas[s.index] = source_meta(s, shards[s.index], files.family)
     for part, names in r.comm.all_gather_object((metas, sorted(seen))):
@@ -123,10 +133,10 @@ def _read_metadata(r: _Run, files: CheckpointFiles):
     if r.unknown_globals:
         r.progress.log(f"warning: the checkpoint names globals uckpt does not know; they were read as inert "
                        f"stand-ins, never called: {', '.join(sorted(r.unknown_globals))}")
-    return shards, metas
+    return shards, metas, readers
 
 
-def _verify_crc(r: _Run, files: CheckpointFiles):
+def _verify_crc(r: _Run, files: CheckpointFiles, inp: NativeInput):
     """Every record of the shards this rank read, and of its share of the files no rank reads (pipeline
     layer and per-expert files), against its CRC-32: damaged bytes are an error naming the file, never
     a published folder holding them."""
@@ -134,13 +144,13 @@ def _verify_crc(r: _Run, files: CheckpointFiles):
         return
     with r.phase("verify_crc"):
         unread = sorted(files.layer_files + files.expert_files)[r.comm.rank::r.comm.world_size]
-        r.crc_bytes = sum(check_integrity(path) for path in r.opened + unread)
+        r.crc_bytes = inp.verify(r.opened + unread)
 
 
-def _plan(r: _Run, files: CheckpointFiles, metas):
+def _plan(r: _Run, files: CheckpointFiles, metas, readers: List[int]):
     with r.phase("plan"):
         index = build_index(files, metas, r.cfg.inject_missing_state, r.cfg.strict)
-        plan = make_plan(index, r.comm.world_size, int(r.cfg.memory.budget_mb) << 20)
+        plan = make_plan(index, r.comm.world_size, int(r.cfg.memory.budget_mb) << 20, readers)
     for note in index.notes:
         r.progress.log(note)
     r.progress.total_params = len(index.params)
@@ -148,12 +158,13 @@ def _plan(r: _Run, files: CheckpointFiles, metas):
     return index, plan
 
 
-def _resume_key(cfg: ConvertConfig, files: CheckpointFiles) -> Dict[str, Any]:
+def _resume_key(cfg: ConvertConfig, inp: NativeInput) -> Optional[Dict[str, Any]]:
     """What must be unchanged for a rerun to trust files an earlier run of the same command wrote: the
     input files (by name, size and modification time), the options that change the output, uckpt."""
-    return {"uckpt": __version__, "input": os.path.abspath(cfg.input_folder),
-            "files": [[os.path.basename(s.path), s.nbytes, os.stat(s.path).st_mtime_ns] for s in files.sources],
-            "inject_missing_state": cfg.inject_missing_state, "strict": cfg.strict}
+    key = inp.resume_key()
+    if key is None:
+        return None
+    return dict(key, uckpt=__version__, inject_missing_state=cfg.inject_missing_state, strict=cfg.strict)
 
 
 def _resume(r: _Run, index: CheckpointIndex, plan: ConvertPlan, out: OutputSink, adopted) -> ConvertPlan:
@@ -175,16 +186,18 @@ def _resume(r: _Run, index: CheckpointIndex, plan: ConvertPlan, out: OutputSink,
     return plan.without(indices)
 
 
-def _write(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, source: FragmentSource, out: OutputSink):
+def _write(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, source: FragmentSource, out: OutputSink,
+           inp: NativeInput):
     rank = r.comm.rank
     adopted = None
     with r.phase("prepare_output"):
         if rank == 0:
-            adopted = out.prepare(_resume_key(r.cfg, index.files), r.cfg.restart)
+            key = _resume_key(r.cfg, inp)
+            adopted = out.prepare(key, r.cfg.restart or key is None)
     plan = _resume(r, index, plan, out, r.comm.all_gather_object(adopted)[0])
     r.progress.log(f"ZeRO-{index.zero_stage} checkpoint, dp={index.dp_degree}: {len(index.params)} parameters, "
                    f"{len(plan.waves)} wave(s)")
-    _model_files(r, index, plan, shards, out)  # independent of the rest: they overlap it
+    _model_files(r, index, plan, shards, out, inp)  # independent of the rest: they overlap it
     _waves(r, index, plan, source, out)
     with r.phase("other_files"):
         _other_files(r, index, plan, shards, out)
@@ -194,13 +207,13 @@ def _write(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, source: F
     r.progress.update(0, 0, final=True)
 
 
-def _model_files(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, out: OutputSink):
+def _model_files(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, out: OutputSink, inp: NativeInput):
     sources = index.files.sources
     for s, writer in plan.copy_writers.items():
         if writer == r.comm.rank:
             r.read_bytes += sources[s].nbytes
             if index.autoep_uc is None:
-                out.copy(sources[s].path)
+                inp.copy(sources[s], shards[s], out)
             else:  # with expert metadata added
                 out.write_file(payloads.with_autoep_info(shards[s], *index.autoep_uc), os.path.basename(sources[s].path))
 

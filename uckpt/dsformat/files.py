@@ -6,7 +6,7 @@ see ``shared/docs/universal-checkpoint-format.md`` section 1.1.
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import constants as C
 from ..errors import CheckpointError
@@ -78,7 +78,18 @@ def discover(folder: str) -> CheckpointFiles:
         raise CheckpointError("does not exist", folder, "pass the checkpoint tag folder, e.g. ckpts/global_step1000")
     if not os.path.isdir(folder):
         raise CheckpointError("is not a folder", folder, "pass the checkpoint tag folder, e.g. ckpts/global_step1000")
-    names = sorted(os.listdir(folder))
+    return classify(folder, {name: None for name in os.listdir(folder)})
+
+
+def classify(folder: str, sizes: Dict[str, Optional[int]]) -> CheckpointFiles:
+    """Classify the files ``sizes`` names (``None``: the size of ``<folder>/<name>`` on disk) as the tag
+    folder ``folder`` holding them: a saved folder, or the files a live job would save (in-job)."""
+    names = sorted(sizes)
+
+    def size(path: str) -> int:
+        known = sizes[os.path.basename(path)]
+        return os.path.getsize(path) if known is None else known
+
     zero12_models, zero3_models, optims = {}, {}, {}
     prefixes = set()
     experts, layers = [], []
@@ -98,7 +109,7 @@ def discover(folder: str) -> CheckpointFiles:
 
     if not zero12_models and not zero3_models and not optims:
         latest = os.path.join(folder, C.LATEST_FILE)
-        if os.path.isfile(latest):
+        if C.LATEST_FILE in sizes and os.path.isfile(latest):
             with open(latest) as f:
                 tag = f.read().strip()
             raise CheckpointError("is a save directory, not a checkpoint tag folder", folder,
@@ -126,7 +137,7 @@ def discover(folder: str) -> CheckpointFiles:
                                   f"{n_dp}x{n_mp}", folder, "copy the complete tag folder from the training job")
         for (dp, mp) in sorted(zero3_models, key=lambda k: (k[1], k[0])):
             path = zero3_models[(dp, mp)]
-            sources.append(Source(len(sources), path, SourceKind.MODEL, tp=mp, dp=dp, nbytes=os.path.getsize(path)))
+            sources.append(Source(len(sources), path, SourceKind.MODEL, tp=mp, dp=dp, nbytes=size(path)))
     else:
         family = Family.ZERO12
         mps = sorted(zero12_models)
@@ -135,10 +146,10 @@ def discover(folder: str) -> CheckpointFiles:
                                   folder, "copy the complete tag folder from the training job")
         for mp in mps:
             path = zero12_models[mp]
-            sources.append(Source(len(sources), path, SourceKind.MODEL, tp=mp, nbytes=os.path.getsize(path)))
+            sources.append(Source(len(sources), path, SourceKind.MODEL, tp=mp, nbytes=size(path)))
     for (dp, mp) in sorted(optims):
         path = optims[(dp, mp)]
-        sources.append(Source(len(sources), path, SourceKind.OPTIM, tp=mp, dp=dp, nbytes=os.path.getsize(path)))
+        sources.append(Source(len(sources), path, SourceKind.OPTIM, tp=mp, dp=dp, nbytes=size(path)))
     for s in sources:
         if s.nbytes == 0:
             raise CheckpointError("is empty (0 bytes)", s.path, "the save was interrupted; use an earlier checkpoint tag")

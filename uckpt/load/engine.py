@@ -10,13 +10,14 @@ parameters and buffers, keeps each param group's own hyperparameters at ZeRO-3, 
 from a ZeRO-3-made checkpoint into a ZeRO-1/2 run, and names the parameter and both shapes on a
 mismatch. :mod:`uckpt.load.state_dict` serves plain-PyTorch users.
 """
+import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
 from ..dsformat import constants as C
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidCheckpointError, UnsupportedEngineError
 from ..dsformat.universal import deepspeed_classes
 from ..torchsave import reader as ranged
 from ..torchsave.format import materialize
@@ -25,6 +26,8 @@ from .folder import StateFiles, _model_state_file, _optimizer_state, _param_fold
     _state_keys, _state_path, resolve_folder
 from ..dsformat.zero3 import zero3_span
 from .slicing import Target, read_flat, shard_map
+
+logger = logging.getLogger("uckpt")
 
 
 def _apply_hyperparameters(groups, saved_groups):
@@ -67,7 +70,9 @@ def _fragment(files: StateFiles, name: str, state: str, target: Target, start: i
     return read_flat(tensor, shard_map(tensor.shape, info, target, state), start, numel)
 
 
-def _load_zero12(optimizer, files: StateFiles, steps_fallback):
+def _load_zero12(optimizer, files: StateFiles, steps_fallback, with_optimizer: bool, missing: Set[str]):
+    """Each trainable parameter's ZeRO-1/2 fragment of ``fp32`` (and, ``with_optimizer``, of its moments
+    and step). A parameter in ``missing`` (``load_module_strict=False``) keeps its current values."""
     from deepspeed.runtime.base_optimizer import _get_universal_checkpoint_ep_info
     from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
@@ -76,24 +81,34 @@ def _load_zero12(optimizer, files: StateFiles, steps_fallback):
     lp_groups = _lp_groups(optimizer)
     for i, group in enumerate(optimizer.optimizer.param_groups):
         keys, steps = set(), []
+        hp = group["params"][0]
         for lp in lp_groups[i]:
             mapping = lp._hp_mapping
             if mapping is None:
                 continue
             name = optimizer.param_names[lp]
-            pfolder = _param_folder(files.folder, name)
-            mapping.optim_fragment = {}
             address = mapping.lp_fragment_address
+            if name in missing:
+                if with_optimizer:
+                    mapping.optim_fragment = _current_moments(optimizer.optimizer.state.get(hp, {}), mapping)
+                    keys.update(mapping.optim_fragment)
+                continue
+            pfolder = _param_folder(files.folder, name)
             target = _target(lp, name, lp.shape, tp, ep)
-            for state in _state_keys(pfolder):
+            states = _state_keys(pfolder) if with_optimizer else (C.FP32_WEIGHT_KEY,)
+            if with_optimizer:
+                mapping.optim_fragment = {}
+            for state in states:
                 frag = _fragment(files, name, state, target, address.start, address.numel)
                 if state == C.FP32_WEIGHT_KEY:
                     mapping.get_hp_fragment().data.copy_(frag)
                 else:
                     mapping.optim_fragment[state] = frag
-            keys.update(mapping.get_optim_state_keys())
-            steps.append(_read_step(pfolder))
-        hp = group["params"][0]
+            if with_optimizer:
+                keys.update(mapping.get_optim_state_keys())
+                steps.append(_read_step(pfolder))
+        if not with_optimizer:
+            continue
         if steps and any(s is None for s in steps) and steps_fallback is not None:
             # a ZeRO-3-made checkpoint has no step.pt: DeepSpeed would resume with no step at all
             steps = [_as_step(steps_fallback, optimizer.optimizer.state[hp])]
@@ -103,6 +118,20 @@ def _load_zero12(optimizer, files: StateFiles, steps_fallback):
         if steps and steps[0] is not None:
             optimizer.optimizer.state[hp][C.STEP_KEY] = steps[0]
         map_to_flat_opt_states(hp, lp_groups[i], optimizer.optimizer.state, keys)
+
+
+def _current_moments(state: Dict[str, Any], mapping) -> Dict[str, torch.Tensor]:
+    """A parameter the checkpoint lacks keeps the optimizer's own moments (zeros before the first step)."""
+    hp_fragment = mapping.get_hp_fragment()
+    address = mapping.get_hp_fragment_address()
+    out = {}
+    for key in C.TENSOR_STATES:
+        if key == C.FP32_WEIGHT_KEY:
+            continue
+        value = state.get(key)
+        out[key] = value.narrow(0, address.start, address.numel).clone() if torch.is_tensor(value) \
+            else torch.zeros_like(hp_fragment)
+    return out
 
 
 def _same(a, b) -> bool:
@@ -136,33 +165,39 @@ def _stage3_partition(optimizer, param, files: StateFiles, state: str) -> torch.
     smap = shard_map(tensor.shape, info, target, state)
     start, length, size = zero3_span(smap.numel, rank, world)
     if size != param.partition_numel():
-        raise CheckpointError(f"parameter {name}: the checkpoint's shard {list(smap.shard_shape)} does not match the "
+        raise InvalidCheckpointError(f"parameter {name}: the checkpoint's shard {list(smap.shard_shape)} does not match the "
                               f"target's {list(param.ds_shape)}", path=_state_path(files.folder, name, state))
     out = torch.zeros(size, dtype=tensor.torch_dtype)
     out[:length] = read_flat(tensor, smap, start, length)
     return out
 
 
-def _load_stage3(optimizer, files: StateFiles, saved_groups, step):
-    if getattr(optimizer, "swap_optimizer", False):
-        raise CheckpointError("NVMe optimizer offload is not supported by uckpt.load_into_engine",
-                              fix="load with DeepSpeed's engine.load_checkpoint(load_universal=True)")
-    for state in C.TENSOR_STATES:
+def _load_stage3(optimizer, files: StateFiles, saved_groups, step, with_optimizer: bool, missing: Set[str]):
+    """Each sub-group's flat fp32 partition (and, ``with_optimizer``, its moments, step and the groups'
+    hyperparameters), then the bit16 partitions from it. A parameter in ``missing`` keeps its values."""
+    states = C.TENSOR_STATES if with_optimizer else (C.FP32_WEIGHT_KEY,)
+    for state in states:
         for sub_group, params in enumerate(optimizer.fp16_groups):
             flat = optimizer.fp32_partitioned_groups_flat[sub_group]
+            current = flat if state == C.FP32_WEIGHT_KEY else optimizer.optimizer.state.get(flat, {}).get(state)
             values = torch.zeros_like(flat)
             offset = 0
             for param in params:
-                part = _stage3_partition(optimizer, param, files, state)
-                values.narrow(0, offset, part.numel()).copy_(part)
-                offset += part.numel()
+                numel = param.partition_numel()
+                if optimizer.param_names[param] in missing:
+                    if torch.is_tensor(current):
+                        values.narrow(0, offset, numel).copy_(current.narrow(0, offset, numel))
+                else:
+                    values.narrow(0, offset, numel).copy_(_stage3_partition(optimizer, param, files, state))
+                offset += numel
             if state == C.FP32_WEIGHT_KEY:
                 flat.data.copy_(values)
-                if step is not None:
+                if step is not None and with_optimizer:
                     optimizer.optimizer.state[flat][C.STEP_KEY] = _as_step(step, optimizer.optimizer.state[flat])
             else:
                 optimizer.optimizer.state[flat][state] = values
-    _apply_hyperparameters(optimizer.optimizer.param_groups, saved_groups)
+    if with_optimizer:
+        _apply_hyperparameters(optimizer.optimizer.param_groups, saved_groups)
     for sub_group, flat in enumerate(optimizer.fp32_partitioned_groups_flat):
         if sum(flat.size()) > 0:
             optimizer.fp16_partitioned_groups_flat[sub_group].data.copy_(flat.data)
@@ -209,7 +244,7 @@ def _restore_module_extras(engine, files: StateFiles, stage3: bool, tp=(0, 1)) -
         file_tensor, info = files.open_path(path)
         smap = shard_map(file_tensor.shape, info, target, C.FP32_WEIGHT_KEY)
         if tuple(smap.shard_shape) != shape:
-            raise CheckpointError(f"{'frozen parameter' if is_param else 'buffer'} {name}: checkpoint shape "
+            raise InvalidCheckpointError(f"{'frozen parameter' if is_param else 'buffer'} {name}: checkpoint shape "
                                   f"{list(smap.shard_shape)}, target shape {list(shape)}", path=path)
         value = read_flat(file_tensor, smap, 0, smap.numel).view(shape)
         if stage3 and hasattr(tensor, "ds_id"):
@@ -223,57 +258,193 @@ def _restore_module_extras(engine, files: StateFiles, stage3: bool, tp=(0, 1)) -
     return restored
 
 
-def _precheck(optimizer, files: StateFiles, stage3: bool):
+def _trainable(optimizer, stage3: bool) -> List[Any]:
+    groups = optimizer.fp16_groups if stage3 else _lp_groups(optimizer)
+    return [param for params in groups for param in params]
+
+
+def _numel(tensor) -> int:
+    return int(getattr(tensor, "ds_numel", tensor.numel()))
+
+
+def _saved_names(folder: str) -> List[str]:
+    zero = os.path.join(folder, C.UNIVERSAL_ZERO_FOLDER)
+    return sorted(n for n in os.listdir(zero) if os.path.isdir(os.path.join(zero, n)))
+
+
+def _match_names(engine, optimizer, files: StateFiles, stage3: bool) -> Tuple[List[str], List[str]]:
+    """(trainable parameters of the target without a folder in the checkpoint, folders of the checkpoint
+    naming no parameter or buffer of the target on any rank). A zero-element parameter holds no values,
+    so its absence on either side is no mismatch (tiny_train's one exists only below ZeRO-3)."""
+    saved = set(_saved_names(files.folder))
+    missing = [optimizer.param_names[p] for p in _trainable(optimizer, stage3)
+               if optimizer.param_names[p] not in saved and _numel(p) > 0]
+    known = {n for n, _ in engine.module.named_parameters(remove_duplicate=False)}
+    known |= {n for n, _ in engine.module.named_buffers(remove_duplicate=False)}
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a pipeline stage holds its own layers only
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, sorted(known))
+        known = {n for names in everyone for n in names}
+    unexpected = []
+    for name in sorted(saved - known):
+        path = _state_path(files.folder, name, C.FP32_WEIGHT_KEY)
+        if not os.path.isfile(path) or files.open_path(path)[0].numel() > 0:
+            unexpected.append(name)
+    return missing, unexpected
+
+
+def _strict_error(folder: str, missing: Sequence[str], unexpected: Sequence[str]) -> InvalidCheckpointError:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} parameter(s) of the target have no folder in the checkpoint: "
+                     f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} folder(s) of the checkpoint name nothing in the target: "
+                     f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    return InvalidCheckpointError("; ".join(parts), path=os.path.join(folder, C.UNIVERSAL_ZERO_FOLDER),
+                                  fix="load into the model the checkpoint was saved from, or pass "
+                                      "load_module_strict=False to load the parameters both have")
+
+
+def _is_expert(param) -> bool:
+    return getattr(param, C.DS_AUTOEP_UC_META, None) is not None or getattr(param, "allreduce", True) is False
+
+
+def _precheck(optimizer, files: StateFiles, stage3: bool, missing: Set[str]):
     """Every rank checks every trainable parameter before touching the engine, so a missing folder or
-    a shape mismatch fails on all ranks alike instead of leaving some waiting in a collective."""
+    a shape mismatch fails on all ranks alike instead of leaving some waiting in a collective. Expert
+    parameters go first: a changed expert count also changes the router's shape, and the expert
+    count is the cause to name (as DeepSpeed does)."""
     from deepspeed.runtime.base_optimizer import _get_universal_checkpoint_ep_info
 
-    groups = optimizer.fp16_groups if stage3 else _lp_groups(optimizer)
     tp = (0, 1) if stage3 else _tp_info(optimizer)
     ep = None if stage3 else _get_universal_checkpoint_ep_info()
-    for params in groups:
-        for param in params:
-            name = optimizer.param_names[param]
-            pfolder = _param_folder(files.folder, name)
-            if C.FP32_WEIGHT_KEY not in _state_keys(pfolder):
-                raise CheckpointError(f"parameter {name} has no fp32.pt", path=pfolder,
-                                      fix="the Universal folder is incomplete; convert again")
-            tensor, info = files.open(name, C.FP32_WEIGHT_KEY)
-            shape = tuple(param.ds_shape) if stage3 else tuple(param.shape)
-            smap = shard_map(tensor.shape, info, _target(param, name, shape, tp, ep or _stage3_ep(param)),
-                             C.FP32_WEIGHT_KEY)
-            if smap.numel != torch.Size(shape).numel() and not getattr(param, C.DS_AUTOTP_UC_META, None):
-                raise CheckpointError(f"parameter {name}: checkpoint shape {list(tensor.shape)} gives this rank "
-                                      f"{list(smap.shard_shape)}, the target parameter is {list(shape)}",
-                                      path=pfolder, fix="load into a model of the same architecture")
+    params = sorted(_trainable(optimizer, stage3), key=lambda p: not _is_expert(p))
+    for param in params:
+        name = optimizer.param_names[param]
+        if name in missing:
+            continue
+        pfolder = _param_folder(files.folder, name)
+        if C.FP32_WEIGHT_KEY not in _state_keys(pfolder):
+            raise CheckpointError(f"parameter {name} has no fp32.pt", path=pfolder,
+                                  fix="the Universal folder is incomplete; convert again")
+        tensor, info = files.open(name, C.FP32_WEIGHT_KEY)
+        shape = tuple(param.ds_shape) if stage3 else tuple(param.shape)
+        smap = shard_map(tensor.shape, info, _target(param, name, shape, tp, ep or _stage3_ep(param)),
+                         C.FP32_WEIGHT_KEY)
+        if smap.numel != torch.Size(shape).numel() and not getattr(param, C.DS_AUTOTP_UC_META, None):
+            raise InvalidCheckpointError(f"parameter {name}: checkpoint shape {list(tensor.shape)} gives this rank "
+                                         f"{list(smap.shard_shape)}, the target parameter is {list(shape)}",
+                                         path=pfolder, fix="load into a model of the same architecture")
 
 
-def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: Optional[str] = None,
-                     **options: Any) -> Dict[str, Any]:
+class LoadResult(tuple):
+    """What ``engine.load_checkpoint`` returns, ``(load_path, client_state)``, so it unpacks the same,
+    plus :attr:`report`: uckpt's account of the load (folder, bytes read, what was restored)."""
+
+    def __new__(cls, load_path: Optional[str], client_state: Dict[str, Any], report: Dict[str, Any]):
+        out = super().__new__(cls, (load_path, client_state))
+        out.report = report
+        return out
+
+    @property
+    def load_path(self) -> Optional[str]:
+        return self[0]
+
+    @property
+    def client_state(self) -> Dict[str, Any]:
+        return self[1]
+
+
+# the model-state keys DeepSpeed's _load_checkpoint keeps out of the client state (DeepSpeed 0.19.8)
+_ENGINE_KEYS = ("module", "skipped_steps", "global_steps", "dp_world_size", "mp_world_size", "data_sampler",
+                "random_ltd")
+
+
+def _client_state(checkpoint: Dict[str, Any], module_only: bool, lr_scheduler: bool,
+                  optimizer_states: bool) -> Dict[str, Any]:
+    """The client state DeepSpeed returns for the same flags: every key it does not consume itself."""
+    consumed = {C.MODULE_KEY} if module_only else set(_ENGINE_KEYS)
+    if lr_scheduler:
+        consumed.add("lr_scheduler")
+    if optimizer_states:
+        consumed.add("optimizer")
+    return {k: _loaded(v) for k, v in checkpoint.items() if k not in consumed}
+
+
+def _loaded(value):
+    """Tensors of the client state read in full (the rest of the file stays unread)."""
+    if isinstance(value, ranged.FileTensor):
+        return value.load()
+    if isinstance(value, dict):
+        items = [(k, _loaded(v)) for k, v in value.items()]
+        try:
+            return type(value)(items)
+        except TypeError:
+            return dict(items)
+    if type(value) in (list, tuple):
+        return type(value)(_loaded(v) for v in value)
+    return value
+
+
+def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: Optional[str] = None, *,
+                     load_module_strict: Optional[bool] = None, load_optimizer_states: Optional[bool] = None,
+                     load_lr_scheduler_states: Optional[bool] = None, load_module_only: Optional[bool] = None,
+                     **options: Any) -> LoadResult:
     """Restore ``engine`` (ZeRO stage 1, 2 or 3; any DP / TP / EP size) from a Universal checkpoint.
 
-    Every rank calls it. ``config`` is an omegaconf YAML of :class:`uckpt.options.LoadConfig` keys
-    (``tag``, ``module_extras``, ``lr_scheduler_states``, ``trust_checkpoint``); ``options`` override it.
-    Returns the client state of the model-state file (keys DeepSpeed does not consume) plus ``"uckpt"``:
-    the folder loaded, bytes read by this rank, and what was restored. Every file is read safely: objects
-    of classes outside DeepSpeed's checkpoint classes come back as inert stand-ins, unless
-    ``trust_checkpoint=True`` (UNSAFE: it runs whatever code the model-state file names) unpickles the
-    client state fully.
+    Every rank calls it. The four ``load_*`` flags mean what they mean to DeepSpeed's
+    ``engine.load_checkpoint`` (``None``: the config's value, by default ``True, True, True, False``):
+
+    - ``load_optimizer_states=False`` restores the fp32 masters and the model's weights, the step
+      counters and (``load_lr_scheduler_states``) the LR scheduler, and leaves the optimizer as it was
+      initialised: no moment file is read. DeepSpeed 0.19.8's ZeRO-1/2 universal path ignores this
+      flag and restores the moments anyway; its ZeRO-3 path honours it, as uckpt does for every stage.
+    - ``load_module_only=True`` restores the weights only: no optimizer state, LR scheduler or counters.
+    - ``load_module_strict=False`` loads the parameters both sides have; target parameters without a
+      folder keep their values and checkpoint folders naming nothing in the target are skipped, both
+      named in the report and a warning. ``True`` refuses either (DeepSpeed's universal path fails on
+      a missing folder and ignores extra ones).
+
+    ``config`` is an omegaconf YAML of :class:`uckpt.options.LoadConfig` keys; ``options`` override it.
+    Returns :class:`LoadResult`: ``(load_path, client_state)`` as DeepSpeed returns them (the
+    model-state file read and its keys DeepSpeed does not consume), with ``.report`` holding uckpt's
+    account. Every file is read safely: objects of classes outside DeepSpeed's checkpoint classes come
+    back as inert stand-ins, unless ``trust_checkpoint=True`` (UNSAFE: it runs whatever code the
+    model-state file names) unpickles the client state fully. Shape and expert-count mismatches raise
+    :class:`uckpt.errors.InvalidCheckpointError`, a ``ValueError`` as in DeepSpeed.
     """
     from .. import options as optmod
+    from ..dsformat.compat import check_deepspeed
 
-    values = dict(options, **({"tag": tag} if tag is not None else {}))
+    check_deepspeed()
+    flags = {"load_module_strict": load_module_strict, "load_optimizer_states": load_optimizer_states,
+             "load_lr_scheduler_states": load_lr_scheduler_states, "load_module_only": load_module_only,
+             "tag": tag}
+    values = dict(options, **{k: v for k, v in flags.items() if v is not None})
     cfg = optmod.build(config, values=values, schema=optmod.LoadConfig)
-    load_lr_scheduler_states, load_module_extras = cfg.lr_scheduler_states, cfg.module_extras
+    with_optimizer = cfg.load_optimizer_states and not cfg.load_module_only
     folder = resolve_folder(load_dir, cfg.tag)
     files = StateFiles(folder)
     before = IO.snapshot()
     optimizer = engine.optimizer
     stage3 = _is_stage3(optimizer)
     if not stage3 and _lp_groups(optimizer) is None:
-        raise CheckpointError(f"engine optimizer {type(optimizer).__name__} is not a ZeRO-1/2/3 or BF16 optimizer",
-                              fix="enable zero_optimization (stage 1, 2 or 3) or bf16 in the DeepSpeed config")
-    _precheck(optimizer, files, stage3)
+        raise UnsupportedEngineError(f"engine optimizer {type(optimizer).__name__} is not a ZeRO-1/2/3 or BF16 "
+                                     "optimizer", fix="enable zero_optimization (stage 1, 2 or 3) or bf16 in the "
+                                                      "DeepSpeed config")
+    if stage3 and getattr(optimizer, "swap_optimizer", False):
+        raise UnsupportedEngineError("NVMe optimizer offload is not supported by uckpt.load_into_engine",
+                                     fix="load with DeepSpeed's engine.load_checkpoint(load_universal=True)")
+    missing, unexpected = _match_names(engine, optimizer, files, stage3)
+    if cfg.load_module_strict and (missing or unexpected):
+        raise _strict_error(folder, missing, unexpected)
+    if missing or unexpected:
+        logger.warning("uckpt: loading %s with load_module_strict=False: target parameters kept as they are: %s; "
+                       "checkpoint folders skipped: %s", folder, missing or "none", unexpected or "none")
+    _precheck(optimizer, files, stage3, set(missing))
     model_file = _model_state_file(folder, getattr(engine, "checkpoint_mp_rank", 0) or 0,
                                    max(1, getattr(engine, "mp_world_size", 1) or 1))
     # the engine-level scalars only: the file's module weights stay unread
@@ -281,42 +452,39 @@ def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: O
     if hasattr(optimizer, "checkpoint_event_prologue"):
         optimizer.checkpoint_event_prologue()
 
-    optim_sd = _optimizer_state(folder)
+    optim_sd = _optimizer_state(folder) if with_optimizer else {}
     saved_groups, zero3_step = _saved_groups_and_step(optim_sd)
     if stage3:
-        step = zero3_step if zero3_step is not None else _first_step(folder)
-        if hasattr(optimizer, "_load_global_state_stage3"):
+        step = zero3_step if zero3_step is not None else _first_step(folder) if with_optimizer else None
+        if with_optimizer and hasattr(optimizer, "_load_global_state_stage3"):
             optimizer._load_global_state_stage3(optim_sd)
-        _load_stage3(optimizer, files, saved_groups, step)
+        _load_stage3(optimizer, files, saved_groups, step, with_optimizer, set(missing))
     else:
-        if C.DS_VERSION in optim_sd or not hasattr(optimizer, "partition_gradients"):
+        if with_optimizer and (C.DS_VERSION in optim_sd or not hasattr(optimizer, "partition_gradients")):
             optimizer._load_global_state(optim_sd)
-        _load_zero12(optimizer, files, zero3_step)
-        _apply_hyperparameters(optimizer.optimizer.param_groups, saved_groups)
+        _load_zero12(optimizer, files, zero3_step, with_optimizer, set(missing))
+        if with_optimizer:
+            _apply_hyperparameters(optimizer.optimizer.param_groups, saved_groups)
 
     extras = _restore_module_extras(engine, files, stage3, _tp_info(optimizer) if not stage3 else (0, 1)) \
-        if load_module_extras else {}
+        if cfg.module_extras else {}
     if hasattr(optimizer, "checkpoint_event_epilogue"):
         optimizer.checkpoint_event_epilogue()
     if not stage3:
         optimizer.update_lp_params()
 
-    if checkpoint:
-        if load_lr_scheduler_states and engine.lr_scheduler is not None and checkpoint.get("lr_scheduler"):
-            engine.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    engine.loaded_checkpoint_dp_world_size = checkpoint.get("dp_world_size")
+    if checkpoint and not cfg.load_module_only:
+        if cfg.load_lr_scheduler_states and engine.lr_scheduler is not None and checkpoint.get("lr_scheduler"):
+            engine.lr_scheduler.load_state_dict(_loaded(checkpoint["lr_scheduler"]))
         engine.global_steps = checkpoint.get("global_steps", engine.global_steps)
         engine.global_samples = checkpoint.get("global_samples", engine.global_steps * engine.train_batch_size())
         engine.skipped_steps = checkpoint.get("skipped_steps", engine.skipped_steps)
         engine.loaded_checkpoint_mp_world_size = checkpoint.get("mp_world_size")
-        engine.loaded_checkpoint_dp_world_size = checkpoint.get("dp_world_size")
-    consumed = {C.MODULE_KEY, "buffer_names", "optimizer", C.PARAM_SHAPES, C.FROZEN_PARAM_SHAPES,
-                C.SHARED_PARAMS_KEY, C.FROZEN_PARAM_FRAGMENTS, "lr_scheduler", "data_sampler", "random_ltd",
-                "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
-                C.CHECKPOINT_PARALLEL_DIMS, C.DS_CONFIG_KEY, C.DS_VERSION, C.UNIVERSAL_CHECKPOINT_INFO}
     if cfg.trust_checkpoint and model_file:  # unsafe by choice: the caller trusts the file's code
         checkpoint = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)
-    client = {k: (v.load() if isinstance(v, ranged.FileTensor) else v) for k, v in checkpoint.items()
-              if k not in consumed}
-    client["uckpt"] = {"folder": folder, "bytes_read": IO.since(before)["read_bytes"],
-                       "module_extras": extras, "stage3": stage3}
-    return client
+    client = _client_state(checkpoint, cfg.load_module_only, cfg.load_lr_scheduler_states, cfg.load_optimizer_states)
+    report = {"folder": folder, "bytes_read": IO.since(before)["read_bytes"], "module_extras": extras,
+              "stage3": stage3, "optimizer_states": with_optimizer, "module_only": cfg.load_module_only,
+              "missing": missing, "unexpected": unexpected}
+    return LoadResult(model_file, client, report)

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 from ..dsformat import constants as C
 from ..dsformat.universal import check_name, deepspeed_classes, is_universal, load_payload, payload_tensor, \
     state_files
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidCheckpointError
 from ..torchsave import reader as ranged
 from ..torchsave.format import materialize
 
@@ -19,8 +19,8 @@ def resolve_folder(load_dir: str, tag: Optional[str] = None) -> str:
         return load_dir
     if tag is None:
         latest = os.path.join(load_dir, C.LATEST_UNIVERSAL_FILE)
-        if not os.path.isfile(latest):
-            raise CheckpointError(f"no {C.LATEST_UNIVERSAL_FILE} file and no tag given", path=load_dir,
+        if not os.path.isfile(latest):  # DeepSpeed raises ValueError here too
+            raise InvalidCheckpointError(f"no {C.LATEST_UNIVERSAL_FILE} file and no tag given", path=load_dir,
                                   fix="pass tag=<folder name> or point at a folder holding latest_universal")
         with open(latest) as f:
             tag = check_name(f.read(4096).strip(), f"tag in {C.LATEST_UNIVERSAL_FILE}", latest)

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from ..dsformat import constants as C
-from ..errors import CheckpointError
+from ..errors import InvalidCheckpointError
 from ..regions import Piece, ShardMap, chunk_span, narrows_cat, whole
 from ..torchsave.format import row_major_strides
 from ..torchsave.reader import FileTensor
@@ -80,7 +80,7 @@ def _autotp(meta: dict, shape: Tuple[int, ...], base: int, rank: int, size: int,
         return None
     conversion = meta.get("conversion", {}) or {}
     if conversion.get("unsupported_reason"):
-        raise CheckpointError(f"cannot restore a Universal checkpoint into AutoTP parameter {name}: "
+        raise InvalidCheckpointError(f"cannot restore a Universal checkpoint into AutoTP parameter {name}: "
                               f"{conversion['unsupported_reason']}",
                               fix="this layer's split is not describable; keep its TP size or change the layer")
     numel = math.prod(shape)
@@ -96,7 +96,7 @@ def _autotp(meta: dict, shape: Tuple[int, ...], base: int, rank: int, size: int,
         return None
     logical = tuple(int(d) for d in logical)
     if math.prod(logical) != numel:
-        raise CheckpointError(f"{name}: the target's logical shape {list(logical)} does not hold the saved "
+        raise InvalidCheckpointError(f"{name}: the target's logical shape {list(logical)} does not hold the saved "
                               f"{list(shape)}", fix="load into a model of the same architecture")
     sizes = meta.get("sub_param_sizes")
     sub_shape = meta.get("sub_param_shape")
@@ -109,19 +109,19 @@ def _autotp(meta: dict, shape: Tuple[int, ...], base: int, rank: int, size: int,
     if sizes is not None:
         sizes = tuple(sizes) if isinstance(sizes, (tuple, list)) else (sizes,)
         if sum(sizes) != logical[pdim]:
-            raise CheckpointError(f"{name}: sub-parameter sizes {list(sizes)} do not add up to dimension {pdim} "
+            raise InvalidCheckpointError(f"{name}: sub-parameter sizes {list(sizes)} do not add up to dimension {pdim} "
                                   f"({logical[pdim]}) of the parameter")
         widths = meta.get("sub_param_shard_widths")
         if meta.get(C.UNIVERSAL_CHECKPOINT_VERSION_KEY, 0.0) < 0.4:
             uneven = [s for s in sizes if s % size]
             if uneven:
-                raise CheckpointError(f"{name}: sub-parameter sizes {uneven} are not divisible by TP size {size} "
+                raise InvalidCheckpointError(f"{name}: sub-parameter sizes {uneven} are not divisible by TP size {size} "
                                       "and the metadata records no shard widths")
             widths = [[s // size] * size for s in sizes]
         spans, offset = [], 0
         for s, w in zip(sizes, widths):
             if len(w) != size or sum(w) != s:
-                raise CheckpointError(f"{name}: shard widths {list(w)} do not split sub-parameter {s} over {size} ranks")
+                raise InvalidCheckpointError(f"{name}: shard widths {list(w)} do not split sub-parameter {s} over {size} ranks")
             spans.append((offset + sum(w[:rank]), w[rank]))
             offset += s
         return narrows_cat(logical, pdim, spans, base)
@@ -129,7 +129,7 @@ def _autotp(meta: dict, shape: Tuple[int, ...], base: int, rank: int, size: int,
     if parts is not None:
         return narrows_cat(logical, pdim, [(sum(parts[:rank]), parts[rank])], base)
     if logical[pdim] % size:
-        raise CheckpointError(f"{name}: dimension {pdim} ({logical[pdim]}) is not divisible by TP size {size} and "
+        raise InvalidCheckpointError(f"{name}: dimension {pdim} ({logical[pdim]}) is not divisible by TP size {size} and "
                               "the target records no partition sizes")
     return narrows_cat(logical, pdim, [chunk_span(logical[pdim], size, rank)], base)
 
@@ -146,13 +146,17 @@ def shard_map(full_shape: Sequence[int], info: Dict[str, Any], target: Target, s
     if is_expert and target.ep_size > 1:
         experts = info.get(C.EP_NUM_EXPERTS)
         if experts is None or not shape or shape[0] != experts:
-            raise CheckpointError(f"expert parameter {name} has dimension 0 of {shape[:1]} but ep_num_experts "
+            raise InvalidCheckpointError(f"expert parameter {name} has dimension 0 of {shape[:1]} but ep_num_experts "
                                   f"{experts}", fix="the file is not a consolidated AutoEP expert tensor")
         if experts % target.ep_size:
-            raise CheckpointError(f"expert parameter {name} has {experts} experts, which do not divide over "
+            raise InvalidCheckpointError(f"expert parameter {name} has {experts} experts, which do not divide over "
                                   f"expert-parallel size {target.ep_size}",
                                   fix=f"use an autoep_size that divides {experts}")
         local = experts // target.ep_size
+        if target.local_shape and int(target.local_shape[0]) != local:
+            raise InvalidCheckpointError(f"expert parameter {name}: AutoEP expert shape mismatch: target_local_experts="
+                                         f"{int(target.local_shape[0])}, checkpoint_local_experts={local}",
+                                         fix="load into a model with the checkpoint's expert count")
         base = target.ep_rank * local * row_major_strides(shape)[0]
         shape = (local,) + shape[1:]
     rank, size = target.tp_rank, target.tp_size
@@ -162,7 +166,7 @@ def shard_map(full_shape: Sequence[int], info: Dict[str, Any], target: Target, s
     if info.get(C.VOCAB_TENSOR, False) and not is_expert and target.autotp_meta is None and target.local_shape:
         padded = target.local_shape[0] * size
         if padded < shape[0]:
-            raise CheckpointError(f"vocabulary parameter {name}: the target holds {padded} rows over TP size "
+            raise InvalidCheckpointError(f"vocabulary parameter {name}: the target holds {padded} rows over TP size "
                                   f"{size}, fewer than the {shape[0]} saved", fix="load into a larger vocabulary")
         real_rows, shape = shape[0], (padded,) + shape[1:]
     smap = _autotp(target.autotp_meta, shape, base, rank, size, state, name) if target.autotp_meta else None
@@ -176,7 +180,7 @@ def shard_map(full_shape: Sequence[int], info: Dict[str, Any], target: Target, s
 def _generic(shape, info, target: Target, rank: int, size: int, base: int) -> ShardMap:
     numel = math.prod(shape)
     if target.local_shape is not None and numel != size * math.prod(target.local_shape):
-        raise CheckpointError(f"parameter {target.name}: the checkpoint holds {list(shape)} ({numel} elements), "
+        raise InvalidCheckpointError(f"parameter {target.name}: the checkpoint holds {list(shape)} ({numel} elements), "
                               f"the target holds {list(target.local_shape)} on each of {size} TP ranks",
                               fix="load into a model of the same architecture and a TP size it can be split to")
     sub_shape = info.get(C.SUB_PARAM_SHAPE)
@@ -218,11 +222,11 @@ def _autoep_placement(shape, info, target: Target, state: str) -> ShardMap:
     try:  # DeepSpeed validates against the shape only: a meta tensor costs nothing
         _resolve_autoep_partition(holder, info, torch.empty(shape, device="meta"), target.ep_rank)
     except (RuntimeError, ValueError, NotImplementedError) as exc:
-        raise CheckpointError(f"expert parameter {target.name}: {exc}") from exc
+        raise InvalidCheckpointError(f"expert parameter {target.name}: {exc}") from exc
     amap = autoep_metadata_to_affine_map(target.autoep_meta, shape)
     smap = _affine_map(amap, target.ep_rank, math.prod(shape), 0, 1)
     if smap is None:
-        raise CheckpointError(f"expert parameter {target.name}: the placement has no experts for EP rank "
+        raise InvalidCheckpointError(f"expert parameter {target.name}: the placement has no experts for EP rank "
                               f"{target.ep_rank}")
     return smap
 

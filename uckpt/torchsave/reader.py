@@ -72,6 +72,15 @@ class FileTensor:
     def __reduce__(self):  # pickled by its fields (ranks exchange metadata), never through __setstate__
         return (FileTensor, tuple(getattr(self, f.name) for f in fields(self)))
 
+    @classmethod
+    def in_memory(cls, tensor, path: str) -> "FileTensor":
+        """A live torch tensor behind the same interface, named ``path`` in messages: what an in-job save
+        hands the index and the exchange in place of a tensor still in its file (reads copy from it,
+        from the GPU in the slices asked for)."""
+        return cls(path, 0, F.dtype_name(tensor.dtype), 0, tuple(tensor.shape), tuple(tensor.stride()),
+                   bool(tensor.requires_grad), tensor.untyped_storage().nbytes(),
+                   type(tensor).__name__ == "Parameter", tensor)
+
     def numel(self) -> int:
         return shape_numel(self.shape)
 
@@ -99,7 +108,9 @@ class FileTensor:
             raise ValueError(f"elements [{start}, {start + n}) are outside a tensor of {self.numel()}")
         if self._loaded is not None or not self.contiguous:
             import torch
-            part = self.load().reshape(-1)[start:start + n].contiguous()
+            part = self.load().detach().reshape(-1)[start:start + n].contiguous()
+            if part.device.type != "cpu":
+                part = part.cpu()
             view[:] = memoryview(part.view(torch.uint8).numpy()) if n else b""
             return
         offset = self.data_offset + (self.storage_offset + start) * size
