@@ -48,7 +48,7 @@ CKPTS: Dict[str, Ckpt] = {
                                module="examples.autotp_train", steps=3, save_at=2),
     # TP=3: every split of the custom module is uneven (128 = 43 + 43 + 42), sub-parameter widths included
     "tp3-custom-z1-bf16": Ckpt(3, ("--model", "custom", "--tp", "3", "--zero-stage", "1", "--dtype", "bf16"),
-                               module="examples.autotp_train", steps=3, save_at=2),
+                               module="examples.autotp_train", steps=3, save_at=2, injob="blocking"),
     # Llama with 8 heads / 4 kv heads, so it can resume at TP=4
     "tp2-llama8h-z1-bf16": Ckpt(2, ("--heads", "8", "--kv-heads", "4", "--tp", "2", "--zero-stage", "1", "--dtype",
                                     "bf16"), module="examples.autotp_train", steps=3, save_at=2),
@@ -57,7 +57,7 @@ CKPTS: Dict[str, Ckpt] = {
                             module="examples.autoep_train", steps=4, save_at=2, injob="background"),
     # DP=4 over EP=2: each EP rank's experts partitioned over 2 expert-data-parallel ranks
     "ep2-dp4-z1-fp32": Ckpt(4, ("--ep", "2", "--zero-stage", "1", "--dtype", "fp32"),
-                            module="examples.autoep_train", steps=3, save_at=2),
+                            module="examples.autoep_train", steps=3, save_at=2, injob="blocking"),
     "ep2-dp4-z2-bf16-dbep": Ckpt(4, ("--ep", "2", "--zero-stage", "2", "--dtype", "bf16", "--data-before-ep"),
                                  module="examples.autoep_train", steps=3, save_at=2),
     # ZeRO-3, partition-native AutoEP (experts are ZeRO-3 params partitioned over expert-data-parallel ranks)

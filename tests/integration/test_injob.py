@@ -81,8 +81,10 @@ def test_resume_autotp_at_tp1(store):
 
 def test_refusals_and_cpu_offload(tmp_path):
     """One 2-rank job (tests/integration/jobs/injob_errors.py): an existing output is refused on every
-    rank unless overwrite; a non-Adam optimizer is named; CPU optimizer offload saves; a call on one
-    rank only fails there within the timeout naming the rank that did not call, and the job ends."""
+    rank unless overwrite; a non-Adam optimizer is named; CPU optimizer offload saves what DeepSpeed's
+    converter makes of its native save; a second background save waits for the first; a background
+    save that fails raises in wait() on every rank and publishes nothing; a call on one rank only fails
+    there within the timeout naming the rank that did not call, and the job ends."""
     out = tmp_path / "out.json"
     runner.run(runner.torchrun_cmd(2, [os.path.join(runner.REPO, "tests", "integration", "jobs", "injob_errors.py"),
                                        str(tmp_path / "ckpts"), str(out)]), timeout=300)
@@ -95,6 +97,10 @@ def test_refusals_and_cpu_offload(tmp_path):
     runner.ds_to_universal(str(tmp_path / "ckpts" / "native" / "offload"), theirs, "--inject_missing_state")
     ours = str(tmp_path / "ckpts" / "offload")
     assert compare_universal(ours, theirs, skip=lambda rel: rel == TIED_ALIAS) == []
+    assert result["first_done_when_second_returned"] is True and result["background_pair"] == [True, True]
+    assert result["background_failure"] == ["OutputError", "RemoteError"]  # raised by wait() on both ranks
+    assert "cannot create the output's folder" in result["background_failure_message"]
+    assert not os.path.exists(tmp_path / "ckpts" / "a-file" / "x")
     assert result["one_rank"][0] == "UckptError" and "rank(s) [1]" in result["one_rank_message"]
     assert result["one_rank_seconds"] < 60
 

@@ -182,7 +182,12 @@ class OutputFolder(OutputSink):
     def _lock(self):
         """Hold ``<output>.uckpt-lock`` exclusively. The holder removes the file when it lets go, so a
         waiter that wakes up holding a file no longer at that path opens the new one and tries again."""
-        os.makedirs(os.path.dirname(self.final), exist_ok=True)
+        parent = os.path.dirname(self.final)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:  # a file where a folder must be, a read-only file system, no permission
+            raise OutputError(f"cannot create the output's folder {parent} ({exc.strerror})", self.final,
+                              "choose an output whose parent is (or can be made) a writable folder") from None
         while True:
             fd = self._open_lock_file()
             try:

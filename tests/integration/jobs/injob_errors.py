@@ -73,6 +73,21 @@ report = uckpt.save_universal(offload, save_dir, tag="offload", **quiet)
 result["offload"] = "ok"
 result["offload_params"] = report["checkpoint"]["params"]
 
+# a second background save while one is in flight first waits for it; both publish
+first = uckpt.save_universal(engine, save_dir, tag="bg1", blocking=False, **quiet)
+second = uckpt.save_universal(engine, save_dir, tag="bg2", blocking=False, **quiet)
+result["first_done_when_second_returned"] = first.done()
+result["background_pair"] = [os.path.isdir(os.path.join(save_dir, t)) for t in ("bg1", "bg2")] if \
+    (first.wait() and second.wait()) else None
+
+# a background save that fails (its save folder is a file) raises in wait() on every rank, publishes nothing
+blocker = os.path.join(save_dir, "a-file")
+if rank == 0:
+    open(blocker, "w").close()
+dist.barrier()
+failing = uckpt.save_universal(engine, blocker, tag="x", blocking=False, **quiet)
+outcome("background_failure", failing.wait)
+
 t0 = time.monotonic()
 if rank == 0:
     outcome_local = None
