@@ -11,8 +11,12 @@ fi
 stamp=.venv/.uckpt-installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]" 2>&1 \
-    | grep -v "is ignored: it is neither a file nor a directory" || true
+  if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]" \
+      > .venv/pip.log 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" .venv/pip.log >&2 || true
+    echo "setup: pip install failed (log: .venv/pip.log)" >&2
+    exit 1
+  fi
   .venv/bin/python -c "import torch, deepspeed, omegaconf, uckpt" 2>/dev/null \
     || { echo "setup: install failed" >&2; exit 1; }
   echo "$want" > "$stamp"

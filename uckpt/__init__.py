@@ -5,14 +5,14 @@ in one process never imports torch (see :mod:`uckpt.torchsave`), while the loade
 """
 __version__ = "0.1.0"
 
-from .api import convert  # noqa: E402,F401
+from .api import convert, export  # noqa: E402,F401
 from .errors import (CheckpointError, InvalidCheckpointError, OutputError, UckptError,  # noqa: E402,F401
                      UnsupportedCheckpointError)
 
 _LAZY = {"Topology": "load.state_dict", "load_into_engine": "load.engine", "LoadResult": "load.engine",
          "load_state_dict": "load.state_dict", "use_for_universal_loads": "load.hook",
          "save_universal": "injob.save", "SaveHandle": "injob.save"}
-__all__ = ["convert", "CheckpointError", "InvalidCheckpointError", "OutputError", "UckptError",
+__all__ = ["convert", "export", "CheckpointError", "InvalidCheckpointError", "OutputError", "UckptError",
            "UnsupportedCheckpointError", *_LAZY]
 
 

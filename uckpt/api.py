@@ -24,3 +24,24 @@ def convert(input_folder: str, output_folder: str, **options: Any) -> Dict[str, 
     """
     values = dict(options, input_folder=input_folder, output_folder=output_folder)
     return run_with_config(optmod.build(values=values))
+
+
+def export_with_config(cfg) -> Dict[str, Any]:
+    """Export on this process's ranks (as :func:`run_with_config`)."""
+    from .export.run import export as run_export
+
+    comm = commmod.setup(cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        return run_export(cfg, comm)
+    finally:
+        comm.close()
+
+
+def export(input_folder: str, output_folder: str, **options: Any) -> Dict[str, Any]:
+    """Write Hugging Face safetensors (``model.safetensors``, or shards and their index) of a Universal
+    folder or of a native ZeRO / AutoTP / AutoEP checkpoint; returns the report. ``options`` are
+    :class:`uckpt.options.ExportConfig` keys (``dtype="bf16"``, ``max_shard_size="2GB"``,
+    ``hf_config="path/with/config.json"``...). Called on every rank of a process group, the ranks
+    export together."""
+    values = dict(options, input_folder=input_folder, output_folder=output_folder)
+    return export_with_config(optmod.build(values=values, schema=optmod.ExportConfig))

@@ -51,6 +51,11 @@ class LogConfig:
     json: Optional[str] = opt(None, "write the JSON report to FILE too (log.json)", flag="json", metavar="FILE")
 
 
+def _verify_crc_opt():
+    return opt(True, "skip the CRC-32 check of every input record (faster; damaged bytes then go unnoticed, as with "
+                     "DeepSpeed's converter)", flag="no_verify_crc", action="store_false")
+
+
 @dataclass
 class ConvertConfig:
     input_folder: str = opt(MISSING, "DeepSpeed checkpoint tag folder (e.g. ckpts/global_step1000)")
@@ -62,14 +67,35 @@ class ConvertConfig:
     wait_for_lock: bool = opt(False, "wait while another conversion writes the same output, instead of failing")
     restart: bool = opt(False, "start over: discard the partial output of a conversion that died, instead of "
                                "resuming it")
-    verify_crc: bool = opt(True, "skip the CRC-32 check of every input record (faster; damaged bytes then go "
-                                 "unnoticed, as with DeepSpeed's converter)", flag="no_verify_crc", action="store_false")
+    verify_crc: bool = _verify_crc_opt()
     dry_run: bool = opt(False, "print the plan, write nothing", flag="dry-run", aliases=["--dry_run"])
     # Accepted for drop-in compatibility with ds_to_universal.py; uckpt has no temp folder and
     # no worker pools (the parallelism is the converter ranks), so they change nothing.
     keep_temp_folder: bool = opt(False, "accepted for compatibility; uckpt uses no temp folder")
     num_extract_workers: int = opt(4, "accepted for compatibility; parallelism comes from ranks")
     num_merge_workers: int = opt(2, "accepted for compatibility; parallelism comes from ranks")
+    io: IOConfig = opt(factory=IOConfig)
+    memory: MemoryConfig = opt(factory=MemoryConfig)
+    dist: DistConfig = opt(factory=DistConfig)
+    log: LogConfig = opt(factory=LogConfig)
+
+
+@dataclass
+class ExportConfig:
+    """Options of ``uckpt export`` / ``uckpt.export``: Hugging Face safetensors from a Universal folder
+    or from a native checkpoint (the converter's memory, transport and log options apply to the latter)."""
+
+    input_folder: str = opt(MISSING, "a Universal folder, or a native ZeRO / AutoTP / AutoEP tag folder (exported "
+                                     "without writing a Universal checkpoint)")
+    output_folder: str = opt(MISSING, "folder to create: model.safetensors, or model-0000k-of-0000n.safetensors "
+                                      "and model.safetensors.index.json")
+    dtype: str = opt("auto", "dtype the fp32 master weights are cast to (auto: the dtype the job trained in)",
+                     choices=["auto", "bf16", "fp16", "fp32"])
+    max_shard_size: str = opt("5GB", "largest file (Hugging Face's sizes: 5GB = 5*10^9 bytes, 2GiB = 2*2^30)")
+    hf_config: Optional[str] = opt(None, "folder holding the model's config.json (and generation / tokenizer "
+                                         "files), copied in so from_pretrained loads the folder", metavar="DIR")
+    overwrite: bool = opt(False, "replace an existing export folder (one this command wrote only)")
+    verify_crc: bool = _verify_crc_opt()
     io: IOConfig = opt(factory=IOConfig)
     memory: MemoryConfig = opt(factory=MemoryConfig)
     dist: DistConfig = opt(factory=DistConfig)

@@ -44,7 +44,7 @@ def main(argv=None):
     def make_engine(args):
         model = build_model(args.experts, args.hidden)
         cfg = {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
-               "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
+               "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": args.lr}},
                "zero_optimization": {"stage": args.zero_stage}, "bf16": {"enabled": args.dtype == "bf16"},
                "expert_parallel": {"enabled": True, "autoep_size": args.ep, "preset_model": "mixtral",
                                    "use_grouped_mm": False},

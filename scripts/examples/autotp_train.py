@@ -79,6 +79,7 @@ def add_train_args(ap):
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--global-batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-2)
 
 
 def main(argv=None):
@@ -104,7 +105,7 @@ def main(argv=None):
         # No train_batch_size: DeepSpeed 0.19.8 checks it against the world size under ZeRO-1/2 and, under
         # ZeRO-3 with AutoTP, against different sizes on different ranks (seen here); it derives it instead.
         cfg = {"train_micro_batch_size_per_gpu": per_dp, "gradient_accumulation_steps": 1,
-               "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
+               "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": args.lr}},
                "zero_optimization": {"stage": args.zero_stage}, "bf16": {"enabled": args.dtype == "bf16"},
                "tensor_parallel": tp_config(args), "steps_per_print": 10**9}
         if args.load_dir and args.loader != "uckpt":

@@ -16,8 +16,10 @@ ALLOWED = {
     "conversion": {"dsformat", "errors", "options", "regions", "torchsave", "__version__"},
     "load": {"dsformat", "errors", "options", "regions", "torchsave"},
     "injob": {"conversion", "dsformat", "errors", "options", "regions", "torchsave"},
-    "api": {"conversion", "options"},
-    "tools": {"api", "conversion", "dsformat", "errors", "load", "options", "regions", "torchsave", "__version__"},
+    "export": {"conversion", "dsformat", "errors", "options", "regions", "torchsave"},
+    "api": {"conversion", "export", "options"},
+    "tools": {"api", "conversion", "dsformat", "errors", "export", "load", "options", "regions", "torchsave",
+              "__version__"},
     "__init__": {"api", "errors", "load", "injob"},
     "__main__": {"tools"},
 }

@@ -132,7 +132,7 @@ def test_a_folder_made_during_the_run_is_not_replaced_at_publication(tmp_path):
     out.flush()
     final.mkdir()  # written meanwhile by a tool that takes no lock; not a Universal checkpoint
     (final / "theirs.txt").write_text("x")
-    with pytest.raises(OutputError, match="appeared while this run converted"):
+    with pytest.raises(OutputError, match="appeared while this run wrote"):
         out.finish()
     out.abort()
     out.close()

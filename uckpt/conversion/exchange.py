@@ -4,7 +4,6 @@ straight into place. Parameters are yielded as soon as they are complete so thei
 the next reads."""
 from typing import Dict, Iterator, Tuple
 
-from ..dsformat import constants as C
 from ..dsformat.index import CheckpointIndex
 from ..torchsave import direct as directio
 from .plan import ConvertPlan, Wave
@@ -30,7 +29,7 @@ def pack(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, source: Fragment
         for p, j in wave.sends.get((rank, d), ()):
             spec = index.params[p]
             f = spec.fragments[j]
-            for st in C.TENSOR_STATES:
+            for st in plan.states:
                 if st not in spec.skip_states:  # else a zero placeholder: that state is not written
                     source.read_into(f, st, view[pos:pos + BYTES * f.numel])
                 pos += BYTES * f.numel
@@ -46,7 +45,7 @@ def assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv, source
     Fragments from other ranks come from ``recv`` (placed first: a copy in memory); this rank's own
     are read from the source straight into place (with one rank, nothing is ever staged in a send
     buffer)."""
-    out = {p: {st: directio.buffer(BYTES * index.params[p].numel) for st in C.TENSOR_STATES}
+    out = {p: {st: directio.buffer(BYTES * index.params[p].numel) for st in plan.states}
            for p in wave.params if plan.owners[p] == rank}
     incoming = memoryview(recv)
     pos = 0
@@ -56,7 +55,7 @@ def assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv, source
         for p, j in wave.sends.get((s, rank), ()):
             spec = index.params[p]
             lo, n = BYTES * spec.flat_offset(spec.fragments[j]), BYTES * spec.fragments[j].numel
-            for st in C.TENSOR_STATES:
+            for st in plan.states:
                 out[p][st][lo:lo + n] = incoming[pos:pos + n]
                 pos += n
     mine = wave.sends.get((rank, rank), ())
@@ -69,7 +68,7 @@ def assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv, source
         spec = index.params[p]
         f = spec.fragments[j]
         lo, n = BYTES * spec.flat_offset(f), BYTES * f.numel
-        for st in C.TENSOR_STATES:
+        for st in plan.states:
             if st not in spec.skip_states:  # else a zero placeholder: that state is not written
                 source.read_into(f, st, memoryview(out[p][st])[lo:lo + n])
         left[p] -= 1

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from ..dsformat import constants as C
 from ..dsformat.universal import check_name, looks_converted
+from ..regions import Kind
 from ..errors import OutputError, UckptError
 from ..torchsave import direct as directio
 from ..torchsave import writer as tsave
@@ -33,7 +34,30 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def check_paths(input_folder: str, output_folder: str, overwrite: bool):
+def looks_exported(path: str) -> bool:
+    """A Hugging Face folder as ``uckpt export`` writes it: safetensors weights (one file or an index)
+    and the model's side files, nothing of a training checkpoint."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return False
+    names = os.listdir(path)
+    has_weights = "model.safetensors" in names or "model.safetensors.index.json" in names
+    training = any(n.endswith((C.OPTIM_FILE_SUFFIX, C.MODEL_FILE_SUFFIX)) or n == C.UNIVERSAL_ZERO_FOLDER
+                   for n in names)
+    return has_weights and not training
+
+
+class OutputKind(Kind):
+    """What an output folder holds: which existing folder ``overwrite`` may replace, and whether its
+    parent gets a ``latest_universal`` naming it."""
+
+    UNIVERSAL = "a Universal checkpoint"
+    HF_EXPORT = "a Hugging Face export"
+
+    def looks_like(self, path: str) -> bool:
+        return looks_converted(path) if self is OutputKind.UNIVERSAL else looks_exported(path)
+
+
+def check_paths(input_folder: str, output_folder: str, overwrite: bool, kind: "OutputKind" = None):
     """Refuse outputs that would damage the input or silently replace a previous result."""
     out, inp = normalise(output_folder), normalise(input_folder)
     if _inside(out, inp):
@@ -42,18 +66,20 @@ def check_paths(input_folder: str, output_folder: str, overwrite: bool):
     if _inside(inp, out):
         raise OutputError("contains the input checkpoint folder", output_folder,
                           "choose an output folder that does not hold the input")
-    check_output(output_folder, overwrite)
+    check_output(output_folder, overwrite, kind)
 
 
-def check_output(output_folder: str, overwrite: bool):
-    """Refuse to replace anything but a Universal checkpoint, and that only with ``overwrite``."""
+def check_output(output_folder: str, overwrite: bool, kind: "OutputKind" = None):
+    """Refuse to replace anything but an output of the same kind, and that only with ``overwrite``."""
+    kind = kind or OutputKind.UNIVERSAL
     out = normalise(output_folder)
     if os.path.lexists(out) and not overwrite:
         raise OutputError("already exists", output_folder, "pass --overwrite to replace it, or choose another folder")
-    if os.path.lexists(out) and not looks_converted(out):
-        raise OutputError("exists and is not a Universal checkpoint (no zero/optimizer_state.pt, or native shard "
-                          "files inside); --overwrite replaces only a Universal checkpoint", output_folder,
-                          "choose another output folder, or move this one away yourself")
+    if os.path.lexists(out) and not kind.looks_like(out):
+        what = "no zero/optimizer_state.pt, or native shard files inside" if kind is OutputKind.UNIVERSAL else \
+            "no model.safetensors or index, or training files inside"
+        raise OutputError(f"exists and is not {kind.value} ({what}); --overwrite replaces only {kind.value}",
+                          output_folder, "choose another output folder, or move this one away yourself")
 
 
 LOCK_SUFFIX = ".uckpt-lock"  # <output><suffix>: the file a writing run holds locked
@@ -114,7 +140,8 @@ class OutputFolder(OutputSink):
     with short files."""
 
     def __init__(self, output_folder: str, io_threads: int = 4, run_id: str = "", overwrite: bool = False,
-                 wait_for_lock: bool = False):
+                 wait_for_lock: bool = False, kind: OutputKind = OutputKind.UNIVERSAL):
+        self.kind = kind
         self.final = normalise(output_folder)
         self.run_id = run_id or os.urandom(8).hex()
         self.partial = f"{self.final}{C.PARTIAL_SUFFIX}-{self.run_id}"
@@ -144,9 +171,9 @@ class OutputFolder(OutputSink):
         if os.path.lexists(self.final) and not self.overwrite:
             raise OutputError("was published by another run while this one started", self.final,
                               "pass --overwrite to replace it, or choose another folder")
-        if os.path.lexists(self.final) and not looks_converted(self.final):
-            raise OutputError("exists and is not a Universal checkpoint; --overwrite replaces only a Universal "
-                              "checkpoint", self.final, "choose another output folder, or move this one away yourself")
+        if os.path.lexists(self.final) and not self.kind.looks_like(self.final):
+            raise OutputError(f"exists and is not {self.kind.value}; --overwrite replaces only {self.kind.value}",
+                              self.final, "choose another output folder, or move this one away yourself")
         adopted = None
         stale = [p for p in glob.glob(glob.escape(self.final + C.PARTIAL_SUFFIX) + "*")
                  if os.path.isdir(p) and not os.path.islink(p)]  # runs that died holding this lock left them
@@ -158,7 +185,7 @@ class OutputFolder(OutputSink):
             else:
                 shutil.rmtree(old)
         if adopted is None:
-            os.makedirs(self.zero)
+            os.makedirs(self.zero if self.kind is OutputKind.UNIVERSAL else self.partial)
         os.makedirs(self.resume, exist_ok=True)
         if resume_key is not None:
             durable.write_json(os.path.join(self.resume, durable.RESUME_KEY_FILE), resume_key)
@@ -229,11 +256,11 @@ class OutputFolder(OutputSink):
         shutil.rmtree(self.resume, ignore_errors=True)
         durable.fsync_dir(self.partial)
         old = None
-        if os.path.lexists(self.final) and not (self.overwrite and looks_converted(self.final)):
+        if os.path.lexists(self.final) and not (self.overwrite and self.kind.looks_like(self.final)):
             # made while this run converted, by something that does not take the lock: never replaced
-            raise OutputError("appeared while this run converted, and is not a Universal checkpoint to replace",
+            raise OutputError(f"appeared while this run wrote, and is not {self.kind.value} to replace",
                               self.final, "move it away and run the command again")
-        if os.path.lexists(self.final):  # a Universal checkpoint (checked again just now), replaced
+        if os.path.lexists(self.final):  # an output of this kind (checked again just now), replaced
             old = f"{self.final}.uckpt-old-{self.run_id}"
             os.rename(self.final, old)
         os.rename(self.partial, self.final)
@@ -241,6 +268,9 @@ class OutputFolder(OutputSink):
         durable.fsync_dir(parent)
         if old:
             shutil.rmtree(old)
+        if self.kind is not OutputKind.UNIVERSAL:
+            self._unlock()
+            return self.final
         latest = os.path.join(parent, C.LATEST_UNIVERSAL_FILE)
         tmp = f"{latest}.uckpt-tmp-{self.run_id}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

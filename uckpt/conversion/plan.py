@@ -77,10 +77,11 @@ class Wave:
 
     params: List[int]
     sends: Dict[Tuple[int, int], List[Tuple[int, int]]] = field(default_factory=dict)
+    states: int = STATE_COUNT  # tensor states each fragment carries (1 for an fp32-only export)
 
     def count(self, index: CheckpointIndex, src: int, dst: int) -> int:
-        """fp32 elements ``src`` sends to ``dst`` (all tensor states)."""
-        return STATE_COUNT * sum(index.params[p].fragments[f].numel for p, f in self.sends.get((src, dst), ()))
+        """fp32 elements ``src`` sends to ``dst`` (all tensor states the plan moves)."""
+        return self.states * sum(index.params[p].fragments[f].numel for p, f in self.sends.get((src, dst), ()))
 
 
 @dataclass
@@ -93,6 +94,7 @@ class ConvertPlan:
     copy_writers: Dict[int, int]  # model source index -> rank that copies it
     waves: List[Wave]
     budget_bytes: int
+    states: Tuple[str, ...] = TENSOR_STATES  # what the exchange moves: all three, or fp32 only (an export)
 
     def without(self, done: Set[int]) -> "ConvertPlan":
         """The plan less the parameters in ``done`` (written by an earlier run that died): their
@@ -102,7 +104,7 @@ class ConvertPlan:
             params = [p for p in w.params if p not in done]
             if params:
                 sends = {k: [(p, f) for p, f in v if p not in done] for k, v in w.sends.items()}
-                waves.append(Wave(params, {k: v for k, v in sends.items() if v}))
+                waves.append(replace(w, params=params, sends={k: v for k, v in sends.items() if v}))
         return replace(self, waves=waves)
 
     def rank_summary(self, index: CheckpointIndex) -> List[Dict[str, int]]:
@@ -118,7 +120,7 @@ class ConvertPlan:
 
 
 def make_waves(index: CheckpointIndex, readers: Sequence[int], owners: Sequence[int], world: int,
-               budget_bytes: int) -> List[Wave]:
+               budget_bytes: int, states: int = STATE_COUNT) -> List[Wave]:
     """Group parameters (in checkpoint order) so each rank's wave memory stays within the budget.
 
     A rank's wave memory is what it sends plus, for parameters it owns, the received fragments and
@@ -129,11 +131,11 @@ def make_waves(index: CheckpointIndex, readers: Sequence[int], owners: Sequence[
     cur, use = None, [0] * world
     for i, p in enumerate(index.params):
         need = [0] * world
-        need[owners[i]] += 2 * param_bytes(p.numel)
+        need[owners[i]] += 2 * states * BYTES_PER_ELEMENT * p.numel
         for f in p.fragments:
-            need[readers[f.source]] += param_bytes(f.numel)
+            need[readers[f.source]] += states * BYTES_PER_ELEMENT * f.numel
         if cur is None or any(use[r] + need[r] > budget_bytes for r in range(world)):
-            cur, use = Wave([]), [0] * world
+            cur, use = Wave([], states=states), [0] * world
             waves.append(cur)
         cur.params.append(i)
         for r in range(world):
@@ -144,11 +146,17 @@ def make_waves(index: CheckpointIndex, readers: Sequence[int], owners: Sequence[
 
 
 def make_plan(index: CheckpointIndex, world: int, budget_bytes: int,
-              readers: Optional[Sequence[int]] = None) -> ConvertPlan:
+              readers: Optional[Sequence[int]] = None, states: Sequence[str] = TENSOR_STATES,
+              owner_groups: Sequence[Sequence[int]] = ()) -> ConvertPlan:
     """The plan for ``world`` ranks; ``readers`` (source index -> rank) where the input decides who holds
-    each file (an in-job save: the rank that would write it), else spread by size."""
+    each file (an in-job save: the rank that would write it), else spread by size. ``states``: what
+    the exchange moves; ``owner_groups``: parameters that must have one owner (the parts of a tensor
+    an export fuses)."""
     readers = list(readers) if readers is not None else assign_readers([s.nbytes for s in index.files.sources], world)
     owners = assign_owners(index, readers, world)
+    for group in owner_groups:
+        for i in group[1:]:
+            owners[i] = owners[group[0]]
     return ConvertPlan(
         world_size=world,
         readers=readers,
@@ -156,8 +164,9 @@ def make_plan(index: CheckpointIndex, world: int, budget_bytes: int,
         fallback_writers=[readers[fb.source] for fb in index.fallbacks],
         optimizer_state_writer=readers[index.optimizer_state_source],
         copy_writers={s: readers[s] for s in index.copy_sources},
-        waves=make_waves(index, readers, owners, world, budget_bytes),
+        waves=make_waves(index, readers, owners, world, budget_bytes, len(states)),
         budget_bytes=budget_bytes,
+        states=tuple(states),
     )
 
 

@@ -53,34 +53,62 @@ class _Run:
         return Phase(self.comm, self.timings, name)
 
 
+@dataclass
+class Opened:
+    """A native checkpoint opened by every rank of one run: its files, the shards this rank holds
+    (tensors left where they are), every file's metadata, the index and the plan."""
+
+    r: _Run
+    inp: NativeInput
+    files: CheckpointFiles
+    shards: Dict[int, Any]
+    index: CheckpointIndex
+    plan: ConvertPlan
+    source: FragmentSource
+    ds_note: Optional[str] = None
+
+    def close(self):
+        self.source.close()
+
+
+def open_native(cfg, comm: Comm, inp: Optional[NativeInput] = None, stream=None, check_output: bool = True,
+                states=C.TENSOR_STATES, owner_groups=None, action: str = "converting") -> Opened:
+    """Discover, read metadata, check CRCs, index and plan, on every rank (each phase agreed).
+    ``cfg`` needs ``input_folder``, ``output_folder``, ``overwrite``, ``verify_crc``, ``memory`` and
+    ``log``; ``states``: what the exchange will move; ``owner_groups(index)``: parameters that need
+    one owner."""
+    inp = inp if inp is not None else FolderInput(cfg.input_folder)
+    r = _Run(cfg, comm, Progress(0, 0, enabled=(comm.rank == 0 and not cfg.log.quiet), stream=stream or sys.stderr))
+    r.progress.log(f"uckpt {__version__}: {action} {inp.label} -> {cfg.output_folder} "
+                   f"on {comm.world_size} rank(s) (backend {comm.backend})")
+    ds_note = check_deepspeed()  # a warning outside the DeepSpeed releases the format was verified against
+    files = _discover(r, inp, check_output)
+    shards, metas, readers = _read_metadata(r, files, inp)
+    _verify_crc(r, files, inp)
+    index, plan = _plan(r, files, metas, readers, states, owner_groups)
+    return Opened(r, inp, files, shards, index, plan, ShardFiles(shards, files.family), ds_note)
+
+
 def run(cfg: ConvertConfig, comm: Comm, stream=None, inp: Optional[NativeInput] = None) -> Dict[str, Any]:
     """Convert ``inp`` (default: the tag folder ``cfg.input_folder``) into ``cfg.output_folder`` on all
     ranks of ``comm``; returns the report."""
     t_start, io_start = time.monotonic(), IO.snapshot()
-    inp = inp if inp is not None else FolderInput(cfg.input_folder)
-    r = _Run(cfg, comm, Progress(0, 0, enabled=(comm.rank == 0 and not cfg.log.quiet), stream=stream or sys.stderr))
-    r.progress.log(f"uckpt {__version__}: converting {inp.label} -> {cfg.output_folder} "
-                   f"on {comm.world_size} rank(s) (backend {comm.backend})")
-    ds_note = check_deepspeed()  # a warning outside the DeepSpeed releases the format was verified against
-    files = _discover(r, inp)
-    shards, metas, readers = _read_metadata(r, files, inp)
-    _verify_crc(r, files, inp)
-    index, plan = _plan(r, files, metas, readers)
+    o = open_native(cfg, comm, inp, stream, check_output=not cfg.dry_run)
+    r, inp, index, plan = o.r, o.inp, o.index, o.plan
     report = reportmod.header(cfg, index, plan, comm.backend, inp.label)
     report["unknown_globals"] = sorted(r.unknown_globals)
-    if ds_note:
-        report["notes"].append(ds_note)
+    if o.ds_note:
+        report["notes"].append(o.ds_note)
     if cfg.dry_run:
         if comm.rank == 0 and not cfg.log.quiet:
             print(describe(index, plan), file=sys.stdout, flush=True)
         report["dry_run"] = True
         return report
-    source = ShardFiles(shards, files.family)
     run_id = comm.all_gather_object(os.urandom(8).hex())[0]  # rank 0's: one partial folder name for all ranks
     out = OutputFolder(cfg.output_folder, cfg.io.threads, run_id=run_id, overwrite=cfg.overwrite,
                        wait_for_lock=cfg.wait_for_lock)
     try:
-        _write(r, index, plan, shards, source, out, inp)
+        _write(o, out)
         report["ranks"] = comm.all_gather_object(reportmod.rank_io(comm.rank, r.opened, r.read_bytes,
                                                                    out.bytes_written, out.files_written,
                                                                    IO.since(io_start), r.crc_bytes))
@@ -98,16 +126,16 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None, inp: Optional[NativeInput] 
         raise
     finally:
         out.close()
-        source.close()
+        o.close()
     r.progress.log(f"done in {r.timings['total']:.2f}s: {len(index.params)} parameters, "
                    f"{sum(x['written_bytes'] for x in report['ranks']) / 2**20:.1f} MiB written -> {out.final}")
     return report
 
 
-def _discover(r: _Run, inp: NativeInput) -> CheckpointFiles:
+def _discover(r: _Run, inp: NativeInput, check_output: bool) -> CheckpointFiles:
     with r.phase("discover"):
         files = inp.files(r.comm)
-        if not r.cfg.dry_run:
+        if check_output:
             if isinstance(inp, FolderInput):
                 check_paths(r.cfg.input_folder, r.cfg.output_folder, r.cfg.overwrite)
             else:
@@ -140,17 +168,19 @@ def _verify_crc(r: _Run, files: CheckpointFiles, inp: NativeInput):
     """Every record of the shards this rank read, and of its share of the files no rank reads (pipeline
     layer and per-expert files), against its CRC-32: damaged bytes are an error naming the file, never
     a published folder holding them."""
-    if not r.cfg.verify_crc or r.cfg.dry_run:
+    if not r.cfg.verify_crc or getattr(r.cfg, "dry_run", False):
         return
     with r.phase("verify_crc"):
         unread = sorted(files.layer_files + files.expert_files)[r.comm.rank::r.comm.world_size]
         r.crc_bytes = inp.verify(r.opened + unread)
 
 
-def _plan(r: _Run, files: CheckpointFiles, metas, readers: List[int]):
+def _plan(r: _Run, files: CheckpointFiles, metas, readers: List[int], states, owner_groups):
     with r.phase("plan"):
-        index = build_index(files, metas, r.cfg.inject_missing_state, r.cfg.strict)
-        plan = make_plan(index, r.comm.world_size, int(r.cfg.memory.budget_mb) << 20, readers)
+        # an export writes no model file, so it needs no universal_checkpoint_info of the checkpoint's own
+        index = build_index(files, metas, getattr(r.cfg, "inject_missing_state", True), getattr(r.cfg, "strict", True))
+        plan = make_plan(index, r.comm.world_size, int(r.cfg.memory.budget_mb) << 20, readers, states,
+                         owner_groups(index) if owner_groups else ())
     for note in index.notes:
         r.progress.log(note)
     r.progress.total_params = len(index.params)
@@ -186,21 +216,29 @@ def _resume(r: _Run, index: CheckpointIndex, plan: ConvertPlan, out: OutputSink,
     return plan.without(indices)
 
 
-def _write(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, source: FragmentSource, out: OutputSink,
-           inp: NativeInput):
-    rank = r.comm.rank
+def _write(o: Opened, out: OutputSink):
+    r, index, plan, inp = o.r, o.index, o.plan, o.inp
     adopted = None
     with r.phase("prepare_output"):
-        if rank == 0:
+        if r.comm.rank == 0:
             key = _resume_key(r.cfg, inp)
             adopted = out.prepare(key, r.cfg.restart or key is None)
-    plan = _resume(r, index, plan, out, r.comm.all_gather_object(adopted)[0])
+    plan = o.plan = _resume(r, index, plan, out, r.comm.all_gather_object(adopted)[0])
     r.progress.log(f"ZeRO-{index.zero_stage} checkpoint, dp={index.dp_degree}: {len(index.params)} parameters, "
                    f"{len(plan.waves)} wave(s)")
-    _model_files(r, index, plan, shards, out, inp)  # independent of the rest: they overlap it
-    _waves(r, index, plan, source, out)
+    _model_files(r, index, plan, o.shards, out, inp)  # independent of the rest: they overlap it
+    aliases_of: Dict[str, List[str]] = {}
+    for alias, canonical in index.aliases.items():
+        aliases_of.setdefault(canonical, []).append(alias)
+
+    def write(spec, flats):
+        out.write_param(spec.name, payloads.param_files(spec, flats))
+        for alias in aliases_of.get(spec.name, ()):
+            out.write_param(alias, {C.FP32_WEIGHT_KEY: payloads.alias_payload(spec, flats[C.FP32_WEIGHT_KEY])})
+
+    each_assembled(o, write, out.flush)
     with r.phase("other_files"):
-        _other_files(r, index, plan, shards, out)
+        _other_files(r, index, plan, o.shards, out)
         out.flush()
     with r.phase("fsync"):
         out.sync()
@@ -218,11 +256,12 @@ def _model_files(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, out
                 out.write_file(payloads.with_autoep_info(shards[s], *index.autoep_uc), os.path.basename(sources[s].path))
 
 
-def _waves(r: _Run, index: CheckpointIndex, plan: ConvertPlan, source: FragmentSource, out: OutputSink):
+def each_assembled(o: Opened, handle, after_wave=None):
+    """Run the plan's waves: pack this rank's fragments for other owners, exchange, and call
+    ``handle(spec, {state: flat fp32 bytes})`` for each parameter this rank owns as soon as it is
+    complete (inside the wave's agreed phase), then ``after_wave()``."""
+    r, index, plan, source = o.r, o.index, o.plan, o.source
     rank, world = r.comm.rank, r.comm.world_size
-    aliases_of: Dict[str, List[str]] = {}
-    for alias, canonical in index.aliases.items():
-        aliases_of.setdefault(canonical, []).append(alias)
     for wave in plan.waves:
         with r.phase("pack"):
             send, counts = exchange.pack(wave, index, plan, source, rank)
@@ -233,12 +272,10 @@ def _waves(r: _Run, index: CheckpointIndex, plan: ConvertPlan, source: FragmentS
         del send
         with r.phase("merge_write"):
             for p, flats in exchange.assemble(wave, index, plan, recv, source, rank):
-                spec = index.params[p]
-                out.write_param(spec.name, payloads.param_files(spec, flats))
-                for alias in aliases_of.get(spec.name, ()):
-                    out.write_param(alias, {C.FP32_WEIGHT_KEY: payloads.alias_payload(spec, flats[C.FP32_WEIGHT_KEY])})
+                handle(index.params[p], flats)
             del recv
-            out.flush()
+            if after_wave is not None:
+                after_wave()
         r.progress.update(len(wave.params), sum(param_bytes(index.params[p].numel) for p in wave.params))
 
 

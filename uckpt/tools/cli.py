@@ -1,4 +1,4 @@
-"""``python -m uckpt`` / ``uckpt``: convert, plan, inspect, verify.
+"""``python -m uckpt`` / ``uckpt``: convert, plan, export, inspect, verify.
 
     torchrun --nproc_per_node 4 -m uckpt convert --input_folder ckpts/global_step1000 \
         --output_folder ckpts/global_step1000_universal
@@ -25,6 +25,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="YAML", help="omegaconf YAML with the same keys")
         p.add_argument("--print-config", dest="print_config", action="store_true", help="print the resolved config")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. io.threads=8 memory.budget_mb=2048")
+    p = sub.add_parser("export", help="write Hugging Face safetensors from a Universal or native checkpoint",
+                       argument_default=argparse.SUPPRESS)
+    for key, flag, kw in options.flags(options.ExportConfig):
+        p.add_argument(f"--{flag}", *kw.pop("aliases", []), dest=key, **kw)
+    p.add_argument("--config", metavar="YAML", help="omegaconf YAML with the same keys (uckpt.options.ExportConfig)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. memory.budget_mb=2048")
     p = sub.add_parser("inspect", help="describe a DeepSpeed or Universal checkpoint and whether it converts")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -67,6 +73,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         except UckptError as exc:
             print(f"uckpt: error: {exc}", file=sys.stderr, flush=True)
             return 2
+    if command == "export":
+        from ..api import export_with_config
+
+        try:
+            cfg = options.build(args.pop("config", None), args.pop("overrides", []), options.nest(args),
+                                schema=options.ExportConfig)
+            export_with_config(cfg)
+        except UckptError as exc:
+            print(f"uckpt: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        return 0
     yaml_path = args.pop("config", None)
     print_config = args.pop("print_config", False)
     overrides = args.pop("overrides", [])
