@@ -12,6 +12,7 @@ Times are the slowest rank's. The outputs of (b) and (c) are checked against (a)
     python scripts/bench_injob.py [--repeat 3] [--nproc 2] [--layers 6 --hidden 2048]
 """
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -54,8 +55,32 @@ def _worker(args):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
+    def rss(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+    def reset_peak() -> int:
+        """Reset this process's peak RSS to its current RSS (Linux: clear_refs 5); returns it."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        return rss("VmRSS")
+
     def run(mode: str, out: str):
+        result = _run(mode, out)
+        t = torch.tensor([float(rss("VmHWM") - base[0])], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        result["peak_added"] = float(t.item())
+        return result
+
+    base = [0]
+
+    def _run(mode: str, out: str):
+        gc.collect()
         dist.barrier()
+        base[0] = reset_peak()
         t0 = time.monotonic()
         if mode == "a":
             engine.save_checkpoint(os.path.join(out, "native"), tag="t")
@@ -89,14 +114,17 @@ def _worker(args):
     if rank == 0:
         med = {m: {k: statistics.median(t[k] for t in times[m]) for k in times[m][0]} for m in "abc"}
         a = med["a"]["total"]
-        rows = [("(a) save_checkpoint + uckpt convert", med["a"]["total"], 1.0),
-                ("(b) save_universal, blocking", med["b"]["total"], med["b"]["total"] / a),
-                ("(c) save_universal, background: blocked", med["c"]["blocked"], med["c"]["blocked"] / a),
-                ("(c) save_universal, background: total", med["c"]["total"], med["c"]["total"] / a)]
-        print(f"optimizer state {state_bytes / 2**20:.0f} MiB, DP={world}, median of {args.repeat} round(s)")
-        print("| mode | wall time | vs (a) |\n|---|---|---|")
-        for label, t, ratio in rows:
-            print(f"| {label} | {t:.2f} s | {ratio:.2f} |")
+        mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+        rows = [("(a) save_checkpoint + uckpt convert", med["a"]["total"], 1.0, mib(med["a"]["peak_added"])),
+                ("(b) save_universal, blocking", med["b"]["total"], med["b"]["total"] / a, mib(med["b"]["peak_added"])),
+                ("(c) save_universal, background: blocked", med["c"]["blocked"], med["c"]["blocked"] / a, ""),
+                ("(c) save_universal, background: total", med["c"]["total"], med["c"]["total"] / a,
+                 mib(med["c"]["peak_added"]))]
+        print(f"optimizer state {state_bytes / 2**20:.0f} MiB ({state_bytes / world / 2**20:.0f} MiB per rank), "
+              f"DP={world}, median of {args.repeat} round(s)")
+        print("| mode | wall time | vs (a) | peak RSS added, largest rank |\n|---|---|---|---|")
+        for label, t, ratio, peak in rows:
+            print(f"| {label} | {t:.2f} s | {ratio:.2f} | {peak} |")
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:

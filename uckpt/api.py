@@ -28,7 +28,7 @@ def convert(input_folder: str, output_folder: str, **options: Any) -> Dict[str, 
 
 def export_with_config(cfg) -> Dict[str, Any]:
     """Export on this process's ranks (as :func:`run_with_config`)."""
-    from .export.run import export as run_export
+    from .hfexport.run import export as run_export
 
     comm = commmod.setup(cfg.dist.backend, cfg.dist.timeout_s)
     try:

@@ -71,7 +71,7 @@ class Opened:
         self.source.close()
 
 
-def open_native(cfg, comm: Comm, inp: Optional[NativeInput] = None, stream=None, check_output: bool = True,
+def open_native(cfg, comm: Comm, inp: Optional[NativeInput] = None, stream=None, checks_output: bool = True,
                 states=C.TENSOR_STATES, owner_groups=None, action: str = "converting") -> Opened:
     """Discover, read metadata, check CRCs, index and plan, on every rank (each phase agreed).
     ``cfg`` needs ``input_folder``, ``output_folder``, ``overwrite``, ``verify_crc``, ``memory`` and
@@ -82,7 +82,7 @@ def open_native(cfg, comm: Comm, inp: Optional[NativeInput] = None, stream=None,
     r.progress.log(f"uckpt {__version__}: {action} {inp.label} -> {cfg.output_folder} "
                    f"on {comm.world_size} rank(s) (backend {comm.backend})")
     ds_note = check_deepspeed()  # a warning outside the DeepSpeed releases the format was verified against
-    files = _discover(r, inp, check_output)
+    files = _discover(r, inp, checks_output)
     shards, metas, readers = _read_metadata(r, files, inp)
     _verify_crc(r, files, inp)
     index, plan = _plan(r, files, metas, readers, states, owner_groups)
@@ -93,7 +93,7 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None, inp: Optional[NativeInput] 
     """Convert ``inp`` (default: the tag folder ``cfg.input_folder``) into ``cfg.output_folder`` on all
     ranks of ``comm``; returns the report."""
     t_start, io_start = time.monotonic(), IO.snapshot()
-    o = open_native(cfg, comm, inp, stream, check_output=not cfg.dry_run)
+    o = open_native(cfg, comm, inp, stream, checks_output=not cfg.dry_run)
     r, inp, index, plan = o.r, o.inp, o.index, o.plan
     report = reportmod.header(cfg, index, plan, comm.backend, inp.label)
     report["unknown_globals"] = sorted(r.unknown_globals)
@@ -132,10 +132,10 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None, inp: Optional[NativeInput] 
     return report
 
 
-def _discover(r: _Run, inp: NativeInput, check_output: bool) -> CheckpointFiles:
+def _discover(r: _Run, inp: NativeInput, checks_output: bool) -> CheckpointFiles:
     with r.phase("discover"):
         files = inp.files(r.comm)
-        if check_output:
+        if checks_output:
             if isinstance(inp, FolderInput):
                 check_paths(r.cfg.input_folder, r.cfg.output_folder, r.cfg.overwrite)
             else:

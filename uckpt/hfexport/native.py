@@ -47,7 +47,7 @@ def fused_groups(index) -> List[List[int]]:
 def export_native(cfg: ExportConfig, comm: Comm, writer: ShardWriter, timings, log) -> Tuple[List[str], str, int]:
     from .run import ExportSink, _autoep_layers, _dtype, _model_state, _module_order, _preset
 
-    opened = convert_run.open_native(cfg, comm, check_output=False, states=(C.FP32_WEIGHT_KEY,),
+    opened = convert_run.open_native(cfg, comm, checks_output=False, states=(C.FP32_WEIGHT_KEY,),
                                      owner_groups=fused_groups, action="exporting")
     try:
         index, shards = opened.index, opened.shards
