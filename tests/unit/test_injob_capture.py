@@ -35,7 +35,8 @@ def test_snapshot_is_independent_of_later_steps_and_copies_shared_tensors_once()
     shared = torch.arange(6, dtype=torch.float32)
     param = torch.nn.Parameter(torch.ones(3))
     files = {"a.pt": {"x": shared, "p": param, "nested": [shared, (1, "s")], "od": OrderedDict(k=shared)}}
-    snap = snapshot(files)
+    snap, used = snapshot(files)
+    assert len(used) == 2  # the shared tensor once, the parameter once
     with torch.no_grad():
         shared.add_(100)
         param.mul_(0)
@@ -64,3 +65,16 @@ def test_memory_input_classifies_names_like_a_folder():
     files = inp.files(Comm())
     assert files.family is Family.ZERO12 and [s.kind.value for s in files.sources] == ["model", "optim", "optim"]
     assert inp.readers(files, Comm()) == [0, 0, 0] and inp.resume_key() is None
+
+
+def test_snapshot_buffers_are_reused_only_once_released():
+    from uckpt.injob.capture import HostBuffers
+
+    buffers = HostBuffers()
+    t = torch.arange(4, dtype=torch.float32)
+    _, first = snapshot({"a.pt": {"x": t}}, buffers)
+    _, second = snapshot({"a.pt": {"x": t}}, buffers)
+    assert first[0].data_ptr() != second[0].data_ptr()  # the first is still in use
+    buffers.release(first)
+    out, third = snapshot({"a.pt": {"x": t + 1}}, buffers)
+    assert third[0].data_ptr() == first[0].data_ptr() and torch.equal(out["a.pt"]["x"], t + 1)

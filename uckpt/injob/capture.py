@@ -79,14 +79,39 @@ def capture(engine, save_dir: str, tag: str, client_state: Optional[Dict[str, An
     return capturing.files
 
 
-def snapshot(files: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+class HostBuffers:
+    """Host tensors for snapshots, kept between saves of one process: a job that saves every few
+    hundred steps copies into memory it already touched (and pinned) instead of faulting in fresh
+    pages each time, which costs as much as the copy. A buffer is handed out again only after the
+    save that used it has finished (:meth:`release`)."""
+
+    def __init__(self):
+        self._free: Dict[tuple, list] = {}
+
+    def take(self, shape, dtype, pinned: bool):
+        import torch
+
+        free = self._free.get((tuple(shape), dtype, pinned))
+        if free:
+            return free.pop()
+        return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+
+    def release(self, tensors):
+        for t in tensors:
+            self._free.setdefault((tuple(t.shape), t.dtype, t.is_pinned()), []).append(t)
+
+
+def snapshot(files: Dict[str, Dict[str, Any]], buffers: Optional[HostBuffers] = None):
     """``files`` with every tensor copied to host memory once (pinned when it lives on a GPU), so later
     steps, which change parameters and moments in place, cannot reach what is being written. Tensors
-    shared between files are copied once."""
+    shared between files are copied once. Returns the copied files and the host tensors used (for
+    ``buffers.release`` once written)."""
     import torch
 
     copies: Dict[int, Any] = {}
+    used = []
     on_gpu = False
+    buffers = buffers or HostBuffers()
 
     def copy(obj):
         nonlocal on_gpu
@@ -94,7 +119,8 @@ def snapshot(files: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
             if id(obj) not in copies:
                 src = obj.detach()
                 on_gpu = on_gpu or src.device.type != "cpu"
-                out = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.device.type == "cuda")
+                out = buffers.take(src.shape, src.dtype, pinned=src.device.type == "cuda")
+                used.append(out)
                 out.copy_(src, non_blocking=src.device.type == "cuda")
                 copies[id(obj)] = (torch.nn.Parameter(out, requires_grad=obj.requires_grad)
                                    if isinstance(obj, torch.nn.Parameter) else out)
@@ -112,7 +138,7 @@ def snapshot(files: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     out = {name: copy(sd) for name, sd in files.items()}
     if on_gpu:
         torch.cuda.synchronize()
-    return out
+    return out, used
 
 
 def snapshot_bytes(files: Dict[str, Dict[str, Any]]) -> int:

@@ -25,12 +25,13 @@ from ..dsformat.compat import check_deepspeed
 from ..dsformat.universal import check_name
 from ..errors import OutputError, UckptError
 from .. import options as optmod
-from .capture import capture, check_engine, snapshot, snapshot_bytes
+from .capture import HostBuffers, capture, check_engine, snapshot, snapshot_bytes
 
 _lock = threading.Lock()
 _in_flight: Optional["SaveHandle"] = None
 _groups: Dict[Any, Any] = {}
 _calls = 0
+_buffers = HostBuffers()  # snapshot memory reused by this process's later background saves
 
 
 class SaveHandle:
@@ -72,17 +73,17 @@ def _join(rank: int, world: int, timeout_s: float):
     store = dist.distributed_c10d._get_default_store()
     key = f"uckpt/save_universal/{_calls}"
     store.set(f"{key}/{rank}", b"1")
-    deadline = time.monotonic() + timeout_s
-    missing = list(range(world))
-    while True:
-        missing = [r for r in missing if not store.check([f"{key}/{r}"])]
+    keys = [f"{key}/{r}" for r in range(world)]
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout_s))
+        return
+    except Exception:  # noqa: BLE001 - the store's timeout (its type differs across torch releases)
+        missing = [r for r in range(world) if not store.check([keys[r]])]
         if not missing:
             return
-        if time.monotonic() > deadline:
-            raise UckptError(f"save_universal must be called on every rank: rank(s) {missing[:16]} of {world} did not "
-                             f"call it within {timeout_s:g} s (dist.timeout_s)",
-                             fix="call uckpt.save_universal on all ranks, at the same point of the training loop")
-        time.sleep(0.05)
+    raise UckptError(f"save_universal must be called on every rank: rank(s) {missing[:16]} of {world} did not "
+                     f"call it within {timeout_s:g} s (dist.timeout_s)",
+                     fix="call uckpt.save_universal on all ranks, at the same point of the training loop")
 
 
 def _comm(timeout_s: float, background: bool) -> commmod.TorchComm:
@@ -156,21 +157,29 @@ def save_universal(engine, save_dir: str, tag: Optional[str] = None, *, blocking
     except (UckptError, OutputError) as exc:
         error = exc
     comm.agree(error)
+    t_capture = time.monotonic()
     files = capture(engine, save_dir, tag, client_state, exclude_frozen_parameters)
+    timings = {"prepare_s": round(t_capture - t0, 4), "capture_s": round(time.monotonic() - t_capture, 4)}
     if blocking:
         report = run(cfg, comm, inp=MemoryInput(output, files))
         total = time.monotonic() - t0
-        report["in_job"] = {"blocking": True, "blocked_s": round(total, 4), "total_s": round(total, 4)}
+        report["in_job"] = dict(timings, blocking=True, blocked_s=round(total, 4), total_s=round(total, 4))
         return report
-    held = [snapshot(files)]  # handed over (and freed) by the thread
-    del files
+    t_snapshot = time.monotonic()
+    copied, used = snapshot(files, _buffers)
+    held = [copied]  # handed over (and dropped) by the thread
+    del files, copied
     nbytes = snapshot_bytes(held[0])
     blocked = time.monotonic() - t0
+    timings["snapshot_s"] = round(time.monotonic() - t_snapshot, 4)
 
     def convert():
-        report = run(cfg, comm, inp=MemoryInput(output, held.pop()))
-        report["in_job"] = {"blocking": False, "blocked_s": round(blocked, 4),
-                            "total_s": round(time.monotonic() - t0, 4), "snapshot_bytes": nbytes}
+        try:
+            report = run(cfg, comm, inp=MemoryInput(output, held.pop()))
+        finally:
+            _buffers.release(used)  # written (or failed): the next snapshot may reuse them
+        report["in_job"] = dict(timings, blocking=False, blocked_s=round(blocked, 4),
+                                total_s=round(time.monotonic() - t0, 4), snapshot_bytes=nbytes)
         return report
 
     handle = SaveHandle(convert, blocked, t0)
