@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark: uckpt export vs DeepSpeed's zero_to_fp32.py --safe_serialization, same run, same checkpoint.
 
-Uses the benchmark's cached checkpoints (scripts/bench_convert.py builds them: real DeepSpeed, ZeRO-2
-bf16 DP=4). Times, alternately (the order rotated each round), fp32 safetensors from the native
+Uses the benchmark's model (scripts/bench_convert.py's cases) with an untied head, built once with
+real DeepSpeed (ZeRO-2 bf16 DP=4) and cached. Times, alternately (the order rotated each round), fp32 safetensors from the native
 checkpoint by DeepSpeed's zero_to_fp32.py and by ``uckpt export`` on 1 and 2 ranks, and uckpt's export
 from the Universal folder ``uckpt convert`` makes of it. Checks every run's tensors equal DeepSpeed's.
 
@@ -20,8 +20,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from bench_convert import CASES, build  # noqa: E402
+from bench_convert import CASES  # noqa: E402
 from examples import runner  # noqa: E402
+
+
+def build(case: str, root: str) -> str:
+    """The benchmark case with an untied head: DeepSpeed's zero_to_fp32.py --safe_serialization refuses a
+    tied model (safetensors: "Some tensors share memory"), so its row needs one without ties."""
+    import hashlib
+
+    args = [*CASES[case], "--no-tied"]
+    key = hashlib.sha256(" ".join(args).encode()).hexdigest()[:10]
+    return runner.cached_checkpoint(os.path.join(root, f"{case}-untied-{key}", "native"), 4,
+                                    ["--zero-stage", "2", "--dtype", "bf16", "--steps", "1", *args],
+                                    "examples.tiny_train")
 
 
 def _tensors(folder):
@@ -45,7 +57,7 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     universal = os.path.join(work, "universal")
-    runner.uckpt_convert(1, tag, universal, "--quiet")
+    runner.uckpt_convert(1, tag, universal, "--quiet", "--inject_missing_state")
     py = [sys.executable, "-m"]
     tools = {
         "deepspeed zero_to_fp32 --safe_serialization": lambda out: py + [
