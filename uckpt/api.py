@@ -6,13 +6,19 @@ from . import options as optmod
 from .conversion.run import run
 
 
-def run_with_config(cfg) -> Dict[str, Any]:
-    """Run a conversion on this process's ranks: the current process group, one made under torchrun, or none."""
+def _on_ranks(work, cfg) -> Dict[str, Any]:
+    """``work(cfg, comm)`` on this process's ranks: the current process group, one made under torchrun,
+    or none."""
     comm = commmod.setup(cfg.dist.backend, cfg.dist.timeout_s)
     try:
-        return run(cfg, comm)
+        return work(cfg, comm)
     finally:
         comm.close()
+
+
+def run_with_config(cfg) -> Dict[str, Any]:
+    """Run a conversion on this process's ranks."""
+    return _on_ranks(run, cfg)
 
 
 def convert(input_folder: str, output_folder: str, **options: Any) -> Dict[str, Any]:
@@ -30,11 +36,7 @@ def export_with_config(cfg) -> Dict[str, Any]:
     """Export on this process's ranks (as :func:`run_with_config`)."""
     from .hfexport.run import export as run_export
 
-    comm = commmod.setup(cfg.dist.backend, cfg.dist.timeout_s)
-    try:
-        return run_export(cfg, comm)
-    finally:
-        comm.close()
+    return _on_ranks(run_export, cfg)
 
 
 def export(input_folder: str, output_folder: str, **options: Any) -> Dict[str, Any]:

@@ -35,6 +35,23 @@ def _weights_only_copy(universal: str, dest: str) -> str:
     return root
 
 
+def _weights_only_pairs(stripped: str, ours_module_only: str = "uckpt"):
+    """DeepSpeed's loader and uckpt's (reading the copy without moment files), with each weights-only flag."""
+    return [{"name": "ds-noopt", "loader": "deepspeed", "load_optimizer_states": False},
+            {"name": "uc-noopt", "loader": "uckpt", "load_optimizer_states": False, "load_dir": stripped},
+            {"name": "ds-mod", "loader": "deepspeed", "load_module_only": True},
+            {"name": "uc-mod", "loader": ours_module_only, "load_module_only": True, "load_dir": stripped}]
+
+
+def _assert_weights_only_pairs(runs):
+    """uckpt's weights-only loads hold DeepSpeed's weights, no moments and no step, and the same first loss."""
+    for ours, theirs in (("uc-noopt", "ds-noopt"), ("uc-mod", "ds-mod")):
+        a, b = runs[ours], runs[theirs]
+        _same(a.state, b.state, keys=("params",))
+        assert a.state["exp_avg"] == {} and a.state["step"] == []
+        assert a.losses[0] == b.losses[0] and _client_keys(a) == _client_keys(b)
+
+
 def _same(a: dict, b: dict, keys=("params", "exp_avg", "exp_avg_sq")):
     for key in keys:
         assert a[key].keys() == b[key].keys(), key
@@ -188,17 +205,10 @@ def test_autotp_flags(store, tmp_path):
     name = "tp2-dp2-z2-bf16"
     universal, _ = store.universal_pair(name, 2)
     stripped = _weights_only_copy(universal, str(tmp_path / "stripped"))
-    variants = [{"name": "ds-noopt", "loader": "deepspeed", "load_optimizer_states": False},
-                {"name": "uc-noopt", "loader": "uckpt", "load_optimizer_states": False, "load_dir": stripped},
-                {"name": "ds-mod", "loader": "deepspeed", "load_module_only": True},
-                {"name": "uc-mod", "loader": "hook", "load_module_only": True, "load_dir": stripped}]
+    variants = _weights_only_pairs(stripped, ours_module_only="hook")
     args = ("--tp", "2", "--zero-stage", "2", "--dtype", "bf16")
     runs = store.load_variants(name, os.path.dirname(universal), 2, args, variants)
-    for ours, theirs in (("uc-noopt", "ds-noopt"), ("uc-mod", "ds-mod")):
-        a, b = runs[ours], runs[theirs]
-        _same(a.state, b.state, keys=("params",))
-        assert a.state["exp_avg"] == {} and a.state["step"] == []
-        assert a.losses[0] == b.losses[0] and _client_keys(a) == _client_keys(b)
+    _assert_weights_only_pairs(runs)
     assert runs["uc-noopt"].state["global_steps"] == 2 and runs["uc-mod"].state["global_steps"] == 0
 
 
@@ -210,19 +220,12 @@ def test_autoep_flags_and_expert_count_mismatch(store, tmp_path, name, stage):
     the router first at ZeRO-2 and fails there with an AssertionError on its moments' sizes."""
     universal, _ = store.universal_pair(name, 2)
     stripped = _weights_only_copy(universal, str(tmp_path / "stripped"))
-    variants = [{"name": "ds-noopt", "loader": "deepspeed", "load_optimizer_states": False},
-                {"name": "uc-noopt", "loader": "uckpt", "load_optimizer_states": False, "load_dir": stripped},
-                {"name": "ds-mod", "loader": "deepspeed", "load_module_only": True},
-                {"name": "uc-mod", "loader": "uckpt", "load_module_only": True, "load_dir": stripped},
-                {"name": "ds-16", "loader": "deepspeed", "experts": 16, "expect_error": True},
-                {"name": "uc-16", "loader": "uckpt", "experts": 16, "expect_error": True}]
+    variants = _weights_only_pairs(stripped) + [
+        {"name": "ds-16", "loader": "deepspeed", "experts": 16, "expect_error": True},
+        {"name": "uc-16", "loader": "uckpt", "experts": 16, "expect_error": True}]
     args = ("--ep", "2", "--zero-stage", stage, "--dtype", "bf16")
     runs = store.load_variants(name, os.path.dirname(universal), 2, args, variants)
-    for ours, theirs in (("uc-noopt", "ds-noopt"), ("uc-mod", "ds-mod")):
-        a, b = runs[ours], runs[theirs]
-        _same(a.state, b.state, keys=("params",))
-        assert a.state["exp_avg"] == {} and a.state["step"] == []
-        assert a.losses[0] == b.losses[0] and _client_keys(a) == _client_keys(b)
+    _assert_weights_only_pairs(runs)
     ours = _error(runs["uc-16"])
     assert "ValueError" in ours["error_type"] and "experts" in ours["error"]
     assert "target_local_experts=8, checkpoint_local_experts=4" in ours["error"]

@@ -109,17 +109,6 @@ class MemoryInput(NativeInput):
 def as_file_tensors(obj: Any, path: str) -> Any:
     """``obj`` with every torch tensor behind :class:`FileTensor` (named ``path`` in messages); containers
     rebuilt with their own type, everything else unchanged."""
-    from ..torchsave.format import is_torch_tensor
+    from ..torchsave.format import is_torch_tensor, map_leaves
 
-    if is_torch_tensor(obj):
-        return FileTensor.in_memory(obj, path)
-    if isinstance(obj, dict):
-        items = [(k, as_file_tensors(v, path)) for k, v in obj.items()]
-        try:
-            return type(obj)(items)
-        except TypeError:
-            return dict(items)
-    if type(obj) in (list, tuple):
-        return type(obj)(as_file_tensors(v, path) for v in obj)
-    return obj
-
+    return map_leaves(obj, lambda x: FileTensor.in_memory(x, path) if is_torch_tensor(x) else x)

@@ -19,21 +19,14 @@ def _tensor(payload, shape):
     parameter's logical shape."""
     import torch
 
+    from .run import shaped
+
     value = payload.get(C.PARAM) if isinstance(payload, dict) else payload
     if isinstance(value, TensorData):
         data = memoryview(value.data).cast("B")
         value = (torch.frombuffer(data, dtype=torch_dtype(value.dtype)) if len(data) else
                  torch.empty(0, dtype=torch_dtype(value.dtype))).view(tuple(value.shape))
-    if tuple(value.shape) != tuple(shape) and value.numel() == _numel(shape):
-        value = value.reshape(tuple(shape))
-    return value
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+    return shaped(value, shape)
 
 
 def fused_groups(index) -> List[List[int]]:

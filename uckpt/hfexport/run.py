@@ -22,7 +22,7 @@ from ..dsformat.universal import deepspeed_classes, is_universal, state_files
 from ..errors import CheckpointError, UckptError
 from ..options import ExportConfig
 from ..torchsave import reader as ranged
-from ..torchsave.format import materialize
+from ..torchsave.format import materialize, shape_numel
 from ..torchsave.stats import IO
 from . import names as hfnames
 from .shards import ShardWriter, final_names, parse_size, rename_own, write_index
@@ -121,17 +121,15 @@ def _universal_tensor(folder: str, name: str, shape: Optional[tuple]):
     tensor = payload.get(C.PARAM) if isinstance(payload, dict) else payload
     if not isinstance(tensor, ranged.FileTensor):
         raise CheckpointError("holds no tensor under 'param'", path)
-    value = tensor.load()
-    if shape is not None and tuple(value.shape) != shape and value.numel() == _numel(shape):
-        value = value.reshape(shape)
+    return shaped(tensor.load(), shape)
+
+
+def shaped(value, shape):
+    """``value`` in the parameter's module ``shape`` where it holds as many elements (a ZeRO-3-made
+    Universal folder, and the converter's payload for it, keep the fp32 master flat)."""
+    if shape is not None and tuple(value.shape) != tuple(shape) and value.numel() == shape_numel(shape):
+        return value.reshape(tuple(shape))
     return value
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _balance(targets: List[hfnames.Target], sizes: Dict[str, int], world: int) -> List[int]:

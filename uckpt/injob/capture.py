@@ -11,6 +11,7 @@ import os
 from typing import Any, Dict, Optional
 
 from ..errors import UnsupportedEngineError
+from ..torchsave.format import map_leaves
 
 
 def _capturing_engine():
@@ -115,27 +116,19 @@ def snapshot(files: Dict[str, Dict[str, Any]], buffers: Optional[HostBuffers] = 
 
     def copy(obj):
         nonlocal on_gpu
-        if isinstance(obj, torch.Tensor):
-            if id(obj) not in copies:
-                src = obj.detach()
-                on_gpu = on_gpu or src.device.type != "cpu"
-                out = buffers.take(src.shape, src.dtype, pinned=src.device.type == "cuda")
-                used.append(out)
-                out.copy_(src, non_blocking=src.device.type == "cuda")
-                copies[id(obj)] = (torch.nn.Parameter(out, requires_grad=obj.requires_grad)
-                                   if isinstance(obj, torch.nn.Parameter) else out)
-            return copies[id(obj)]
-        if isinstance(obj, dict):
-            items = [(k, copy(v)) for k, v in obj.items()]
-            try:
-                return type(obj)(items)
-            except TypeError:
-                return dict(items)
-        if type(obj) in (list, tuple):
-            return type(obj)(copy(v) for v in obj)
-        return obj
+        if not isinstance(obj, torch.Tensor):
+            return obj
+        if id(obj) not in copies:
+            src = obj.detach()
+            on_gpu = on_gpu or src.device.type != "cpu"
+            out = buffers.take(src.shape, src.dtype, pinned=src.device.type == "cuda")
+            used.append(out)
+            out.copy_(src, non_blocking=src.device.type == "cuda")
+            copies[id(obj)] = (torch.nn.Parameter(out, requires_grad=obj.requires_grad)
+                               if isinstance(obj, torch.nn.Parameter) else out)
+        return copies[id(obj)]
 
-    out = {name: copy(sd) for name, sd in files.items()}
+    out = {name: map_leaves(sd, copy) for name, sd in files.items()}
     if on_gpu:
         torch.cuda.synchronize()
     return out, used

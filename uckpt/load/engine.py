@@ -20,7 +20,7 @@ from ..dsformat import constants as C
 from ..errors import CheckpointError, InvalidCheckpointError, UnsupportedEngineError
 from ..dsformat.universal import deepspeed_classes
 from ..torchsave import reader as ranged
-from ..torchsave.format import materialize
+from ..torchsave.format import map_leaves, materialize
 from ..torchsave.stats import IO
 from .folder import StateFiles, _model_state_file, _optimizer_state, _param_folder, _read_step, _saved_groups_and_step, \
     _state_keys, _state_path, resolve_folder
@@ -376,17 +376,7 @@ def _client_state(checkpoint: Dict[str, Any], module_only: bool, lr_scheduler: b
 
 def _loaded(value):
     """Tensors of the client state read in full (the rest of the file stays unread)."""
-    if isinstance(value, ranged.FileTensor):
-        return value.load()
-    if isinstance(value, dict):
-        items = [(k, _loaded(v)) for k, v in value.items()]
-        try:
-            return type(value)(items)
-        except TypeError:
-            return dict(items)
-    if type(value) in (list, tuple):
-        return type(value)(_loaded(v) for v in value)
-    return value
+    return map_leaves(value, lambda x: x.load() if isinstance(x, ranged.FileTensor) else x)
 
 
 def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: Optional[str] = None, *,

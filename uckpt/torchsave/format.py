@@ -314,6 +314,20 @@ def torch_loaded() -> bool:
     return "torch" in sys.modules
 
 
+def map_leaves(obj: Any, leaf) -> Any:
+    """``obj`` with ``leaf(x)`` in place of every value that is not a dict, list or tuple, the containers
+    rebuilt with their own type (a dict subclass that cannot be built from items becomes a dict)."""
+    if isinstance(obj, dict):
+        items = [(k, map_leaves(v, leaf)) for k, v in obj.items()]
+        try:
+            return type(obj)(items)
+        except TypeError:
+            return dict(items)
+    if type(obj) in (list, tuple):
+        return type(obj)(map_leaves(v, leaf) for v in obj)
+    return leaf(obj)
+
+
 def is_torch_tensor(obj) -> bool:
     """``torch.is_tensor(obj)``, without importing torch where it is not loaded (then nothing is a tensor)."""
     if not torch_loaded():
