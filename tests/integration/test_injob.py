@@ -97,6 +97,9 @@ def test_refusals_and_cpu_offload(tmp_path):
     runner.ds_to_universal(str(tmp_path / "ckpts" / "native" / "offload"), theirs, "--inject_missing_state")
     ours = str(tmp_path / "ckpts" / "offload")
     assert compare_universal(ours, theirs, skip=lambda rel: rel == TIED_ALIAS) == []
+    assert sorted(result["unpicklable"]) == ["OutputError", "RemoteError"] and result["unpicklable_seconds"] < 30
+    assert "cannot write mp_rank_00_model_states.pt" in result["unpicklable_message"]
+    assert not os.path.exists(tmp_path / "ckpts" / "bad")
     assert result["first_done_when_second_returned"] is True and result["background_pair"] == [True, True]
     assert result["background_failure"] == ["OutputError", "RemoteError"]  # raised by wait() on both ranks
     assert "cannot create the output's folder" in result["background_failure_message"]

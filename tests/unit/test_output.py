@@ -147,3 +147,25 @@ def test_a_partial_folder_holding_links_is_not_resumed(tmp_path):
     assert out.prepare(key) is None and not os.path.exists(dead) and tmp_path.exists()
     out.abort()
     out.close()
+
+
+def test_only_a_folder_export_published_counts_as_an_export(tmp_path):
+    """--overwrite of an export replaces only what uckpt export wrote: a Trainer checkpoint or a model
+    folder that happens to hold a model.safetensors is never taken for one."""
+    from uckpt.conversion.output import OutputKind
+
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    for name in ("model.safetensors", "config.json", "uckpt_export.json"):
+        (ours / name).write_text("x")
+    assert OutputKind.HF_EXPORT.looks_like(str(ours))
+    trainer = tmp_path / "checkpoint-500"
+    (trainer / "global_step500").mkdir(parents=True)
+    for name in ("model.safetensors", "trainer_state.json", "uckpt_export.json"):
+        (trainer / name).write_text("x")
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("model.safetensors", "README.md"):
+        (model / name).write_text("x")
+    assert not OutputKind.HF_EXPORT.looks_like(str(trainer)) and not OutputKind.HF_EXPORT.looks_like(str(model))
+    assert not OutputKind.UNIVERSAL.looks_like(str(ours))

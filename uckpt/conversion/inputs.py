@@ -44,9 +44,9 @@ class NativeInput:
         """What must be unchanged for a rerun to trust an earlier run's files (``None``: never resumed)."""
         return None
 
-    def copy(self, source: Source, shard: Dict[str, Any], out: OutputSink):
-        """Put the model-state file ``source`` into the output unchanged."""
-        out.write_file(shard, os.path.basename(source.path))
+    def model_file(self, source: Source, shard: Dict[str, Any], out: OutputSink, transform=None):
+        """Put the model-state file ``source`` into the output: unchanged, or as ``transform`` of its dict."""
+        raise NotImplementedError
 
 
 class FolderInput(NativeInput):
@@ -75,8 +75,11 @@ class FolderInput(NativeInput):
         return {"input": self.label,
                 "files": [[os.path.basename(s.path), s.nbytes, os.stat(s.path).st_mtime_ns] for s in self._files.sources]}
 
-    def copy(self, source: Source, shard: Dict[str, Any], out: OutputSink):
-        out.copy(source.path)
+    def model_file(self, source: Source, shard: Dict[str, Any], out: OutputSink, transform=None):
+        if transform is None:
+            out.copy(source.path)
+        else:
+            out.write_file(transform(shard), os.path.basename(source.path))
 
 
 class MemoryInput(NativeInput):
@@ -87,6 +90,7 @@ class MemoryInput(NativeInput):
     def __init__(self, folder: str, held: Dict[str, Dict[str, Any]]):
         self.folder = folder
         self.label = f"in-job save ({folder})"
+        self._raw = held
         self._held = {name: as_file_tensors(sd, os.path.join(folder, name)) for name, sd in held.items()}
         self._holders: Dict[str, int] = {}
 
@@ -104,6 +108,13 @@ class MemoryInput(NativeInput):
 
     def open(self, source: Source, stand_ins: Set[str]) -> Dict[str, Any]:
         return self._held[os.path.basename(source.path)]
+
+    def model_file(self, source: Source, shard: Dict[str, Any], out: OutputSink, transform=None):
+        """The job's own dict, written by ``torch.save`` as DeepSpeed's checkpoint engine would: its client
+        state may hold objects of the job's classes that only their own pickling writes."""
+        name = os.path.basename(source.path)
+        raw = self._raw[name]
+        out.write_torch(transform(raw) if transform else raw, name)
 
 
 def as_file_tensors(obj: Any, path: str) -> Any:

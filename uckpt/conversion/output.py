@@ -10,6 +10,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -34,16 +35,22 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
+EXPORT_REPORT = "uckpt_export.json"  # written into every folder uckpt export publishes
+EXPORT_NAMES = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|uckpt_export\.json|"
+                          r"config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|"
+                          r"special_tokens_map\.json|tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|"
+                          r"chat_template\.jinja)$")
+
+
 def looks_exported(path: str) -> bool:
-    """A Hugging Face folder as ``uckpt export`` writes it: safetensors weights (one file or an index)
-    and the model's side files, nothing of a training checkpoint."""
+    """A folder ``uckpt export`` published: its report file, and nothing but the files it writes (no
+    subfolder), so a Trainer checkpoint or a downloaded model folder that happens to hold a
+    ``model.safetensors`` is never taken for one."""
     if not os.path.isdir(path) or os.path.islink(path):
         return False
-    names = os.listdir(path)
-    has_weights = "model.safetensors" in names or "model.safetensors.index.json" in names
-    training = any(n.endswith((C.OPTIM_FILE_SUFFIX, C.MODEL_FILE_SUFFIX)) or n == C.UNIVERSAL_ZERO_FOLDER
-                   for n in names)
-    return has_weights and not training
+    entries = list(os.scandir(path))
+    return (any(e.name == EXPORT_REPORT for e in entries)
+            and all(e.is_file(follow_symlinks=False) and EXPORT_NAMES.match(e.name) for e in entries))
 
 
 class OutputKind(Kind):
@@ -109,6 +116,10 @@ class OutputSink:
 
     def copy(self, src: str):
         """A file copied as it is."""
+        raise NotImplementedError
+
+    def write_torch(self, obj: Any, *parts: str):
+        """Write ``obj`` with ``torch.save`` (objects of a live job that only their own pickling writes)."""
         raise NotImplementedError
 
     def flush(self):
@@ -364,6 +375,24 @@ class OutputFolder(OutputSink):
 
     def copy(self, src: str):
         self._pending.append(self._pool.submit(file_writers.copy, src, self.partial))
+
+    def write_torch(self, obj: Any, *parts: str):
+        """``torch.save(obj)`` to ``<partial>/<parts...>``, now (an in-job save's own model-state dicts)."""
+        import torch
+
+        path = os.path.join(self.partial, *parts)
+        try:
+            torch.save(obj, path)
+        except OSError as exc:
+            raise OutputError(f"writing the output failed: {exc.strerror or exc}", self.final,
+                              "free space on its file system (or fix its permissions) and run the command again") \
+                from exc
+        except Exception as exc:  # noqa: BLE001 - an object of the job that torch.save cannot pickle
+            raise OutputError(f"cannot write {parts[-1]}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                              self.final, "keep only picklable objects in client_state") from None
+        nbytes = os.path.getsize(path)
+        self.bytes_written += nbytes
+        self.files_written += 1
 
     def flush(self):
         """Wait for every queued write, then re-raise the first failure.

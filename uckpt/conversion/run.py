@@ -107,6 +107,7 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None, inp: Optional[NativeInput] 
     run_id = comm.all_gather_object(os.urandom(8).hex())[0]  # rank 0's: one partial folder name for all ranks
     out = OutputFolder(cfg.output_folder, cfg.io.threads, run_id=run_id, overwrite=cfg.overwrite,
                        wait_for_lock=cfg.wait_for_lock)
+    resumable = inp.resume_key() is not None  # before anything can fail (it stats the input files)
     try:
         _write(o, out)
         report["ranks"] = comm.all_gather_object(reportmod.rank_io(comm.rank, r.opened, r.read_bytes,
@@ -122,7 +123,7 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None, inp: Optional[NativeInput] 
                 report["latest_universal"] = out.finish()
     except BaseException as exc:
         if comm.rank == 0:  # a refusal removes the partial folder; a run cut short leaves it to be resumed
-            out.abort(keep=not isinstance(exc, UckptError) and inp.resume_key() is not None)
+            out.abort(keep=not isinstance(exc, UckptError) and resumable)
         raise
     finally:
         out.close()
@@ -226,7 +227,8 @@ def _write(o: Opened, out: OutputSink):
     plan = o.plan = _resume(r, index, plan, out, r.comm.all_gather_object(adopted)[0])
     r.progress.log(f"ZeRO-{index.zero_stage} checkpoint, dp={index.dp_degree}: {len(index.params)} parameters, "
                    f"{len(plan.waves)} wave(s)")
-    _model_files(r, index, plan, o.shards, out, inp)  # independent of the rest: they overlap it
+    with r.phase("model_files"):  # queued on writer threads (large ones): they overlap the rest
+        _model_files(r, index, plan, o.shards, out, inp)
     aliases_of: Dict[str, List[str]] = {}
     for alias, canonical in index.aliases.items():
         aliases_of.setdefault(canonical, []).append(alias)
@@ -250,10 +252,9 @@ def _model_files(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, out
     for s, writer in plan.copy_writers.items():
         if writer == r.comm.rank:
             r.read_bytes += sources[s].nbytes
-            if index.autoep_uc is None:
-                inp.copy(sources[s], shards[s], out)
-            else:  # with expert metadata added
-                out.write_file(payloads.with_autoep_info(shards[s], *index.autoep_uc), os.path.basename(sources[s].path))
+            add_info = None if index.autoep_uc is None else \
+                (lambda sd: payloads.with_autoep_info(sd, *index.autoep_uc))  # with expert metadata added
+            inp.model_file(sources[s], shards[s], out, add_info)
 
 
 def each_assembled(o: Opened, handle, after_wave=None):

@@ -39,9 +39,21 @@ class ExpertNames:
     fused: bool
 
 
+# Presets whose experts are always stacked 3-D tensors in the model (checked: a tiny Mixtral's export
+# equals its own state dict, tests/integration/test_export.py). Others may pick a per-expert layout
+# at run time from the model (DeepSpeed's deepseek adapters), which the checkpoint does not record.
+VERIFIED_PRESETS = ("mixtral",)
+
+
 def preset_names(preset_name: str) -> ExpertNames:
     from deepspeed.module_inject.auto_ep_presets.registry import get_preset
 
+    if preset_name not in VERIFIED_PRESETS:
+        raise UnsupportedCheckpointError(
+            f"AutoEP preset {preset_name!r}: its experts' layout in the model is not recorded in the checkpoint "
+            f"(it may be stacked or per expert), so their Hugging Face names are unknown; exported presets: "
+            f"{', '.join(VERIFIED_PRESETS)}", fix="export a Mixtral-preset checkpoint, or load the Universal "
+                                                   "folder with uckpt.load_state_dict and save it with the model")
     p = get_preset(preset_name)
     return ExpertNames(p.router_pattern, p.experts_pattern, p.expert_w1, p.expert_w2, p.expert_w3,
                        p.expert_storage == "fused_3d" and p.expert_w3 is None)

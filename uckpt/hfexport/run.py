@@ -16,7 +16,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from ..conversion.comm import Comm, Phase
-from ..conversion.output import OutputFolder, OutputKind, check_paths
+from ..conversion.output import EXPORT_REPORT, OutputFolder, OutputKind, check_paths
 from ..dsformat import constants as C
 from ..dsformat.universal import deepspeed_classes, is_universal, state_files
 from ..errors import CheckpointError, UckptError
@@ -142,18 +142,39 @@ def _balance(targets: List[hfnames.Target], sizes: Dict[str, int], world: int) -
     return owner
 
 
-def _copy_side_files(hf_config: Optional[str], partial: str) -> List[str]:
+def _config_folder(hf_config: Optional[str]) -> Optional[str]:
+    """The folder of ``--hf_config`` (a folder, or its config.json), checked before any work is done."""
     if not hf_config:
-        return []
+        return None
     src = hf_config if os.path.isdir(hf_config) else os.path.dirname(hf_config)
     if not os.path.isfile(os.path.join(src, "config.json")):
         raise UckptError("has no config.json", src, "pass the folder holding the model's config.json")
+    return src
+
+
+def _copy_side_files(hf_config: Optional[str], partial: str) -> List[str]:
+    src = _config_folder(hf_config)
     copied = []
-    for name in HF_SIDE_FILES:
+    for name in HF_SIDE_FILES if src else ():
         if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(partial, name))
+            dst = os.path.join(partial, name)
+            shutil.copyfile(os.path.join(src, name), dst)
+            fd = os.open(dst, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             copied.append(name)
     return copied
+
+
+def _write_report(folder: str, report: Dict[str, Any]):
+    import json
+
+    with open(os.path.join(folder, EXPORT_REPORT), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def export(cfg: ExportConfig, comm: Comm, stream=None) -> Dict[str, Any]:
@@ -164,6 +185,7 @@ def export(cfg: ExportConfig, comm: Comm, stream=None) -> Dict[str, Any]:
         if comm.rank == 0 and not cfg.log.quiet else (lambda msg: None)
     with Phase(comm, timings, "discover"):
         check_paths(cfg.input_folder, cfg.output_folder, cfg.overwrite, OutputKind.HF_EXPORT)
+        _config_folder(cfg.hf_config)
         universal = is_universal(cfg.input_folder)
     run_id = comm.all_gather_object(os.urandom(8).hex())[0]
     out = OutputFolder(cfg.output_folder, run_id=run_id, overwrite=cfg.overwrite, kind=OutputKind.HF_EXPORT)
@@ -192,6 +214,7 @@ def export(cfg: ExportConfig, comm: Comm, stream=None) -> Dict[str, Any]:
             if comm.rank == 0:
                 write_index(out.partial, per_rank, names, order)
                 report["side_files"] = _copy_side_files(cfg.hf_config, out.partial)
+                _write_report(out.partial, report)  # also what marks the folder as an export (overwrite)
                 out.finish()
         report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
         report["total_s"] = round(time.monotonic() - t0, 4)

@@ -36,10 +36,16 @@ class ShardWriter:
         self.folder, self.rank, self.max_bytes = folder, rank, max(1, max_bytes)
         self.files: List[Tuple[str, List[str], int]] = []  # (file name, tensor names, bytes)
         self._current: Dict[str, "object"] = {}
+        self._names = set()
         self._bytes = 0
         self.bytes_written = 0
 
     def add(self, name: str, tensor):
+        if name == "__metadata__" or name in self._names:  # the header's own key; one name, one tensor
+            raise UckptError(f"the export would hold two tensors named {name!r}" if name in self._names else
+                             "a parameter is named '__metadata__', which safetensors reserves",
+                             fix="rename the parameter in the model")
+        self._names.add(name)
         nbytes = tensor.numel() * tensor.element_size()
         if self._current and self._bytes + nbytes > self.max_bytes:
             self._flush()

@@ -117,7 +117,7 @@ def snapshot(files: Dict[str, Dict[str, Any]], buffers: Optional[HostBuffers] = 
     def copy(obj):
         nonlocal on_gpu
         if not isinstance(obj, torch.Tensor):
-            return obj
+            return _detached(obj, copies)
         if id(obj) not in copies:
             src = obj.detach()
             on_gpu = on_gpu or src.device.type != "cpu"
@@ -132,6 +132,21 @@ def snapshot(files: Dict[str, Dict[str, Any]], buffers: Optional[HostBuffers] = 
     if on_gpu:
         torch.cuda.synchronize()
     return out, used
+
+
+def _detached(obj, copies: Dict[int, Any]):
+    """A non-tensor value of the captured files as it is now: a deep copy (the job goes on changing its
+    objects, e.g. a loss scaler, while the background save pickles them), sharing the snapshot's
+    tensor copies; the object itself where it cannot be copied (a lock, a handle)."""
+    import copy as copymod
+
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
+    memo = {key: value for key, value in copies.items()}
+    try:
+        return copymod.deepcopy(obj, memo)
+    except Exception:  # noqa: BLE001 - kept by reference, as a blocking save would write it
+        return obj
 
 
 def snapshot_bytes(files: Dict[str, Dict[str, Any]]) -> int:

@@ -12,6 +12,7 @@ snapshot), returns, and a thread converts the snapshot while training goes on; t
 collectives run on process groups of their own (gloo), never on the training job's.
 """
 import datetime
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from ..errors import OutputError, UckptError
 from .. import options as optmod
 from .capture import HostBuffers, capture, check_engine, snapshot, snapshot_bytes
 
+logger = logging.getLogger("uckpt")
 _lock = threading.Lock()
 _in_flight: Optional["SaveHandle"] = None
 _groups: Dict[Any, Any] = {}
@@ -42,7 +44,8 @@ class SaveHandle:
         self.blocked_s, self._t0 = blocked_s, t0
         self._report: Optional[Dict[str, Any]] = None
         self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, args=(target,), name="uckpt-save-universal", daemon=True)
+        # not a daemon: a script that ends without wait() still finishes (and publishes) the save
+        self._thread = threading.Thread(target=self._run, args=(target,), name="uckpt-save-universal")
         self._thread.start()
 
     def _run(self, target):
@@ -107,6 +110,18 @@ def _comm(timeout_s: float, background: bool) -> commmod.TorchComm:
                              data_device=f"cuda:{torch.cuda.current_device()}")
 
 
+def _agreed(comm, work):
+    """``work()`` on every rank, then an agreement: a failure on one rank (memory, an object that cannot
+    be viewed) stops all of them with its cause, instead of leaving the others in a collective."""
+    result, error = None, None
+    try:
+        result = work()
+    except Exception as exc:  # noqa: BLE001 - agreed below, re-raised on every rank
+        error = exc
+    comm.agree(error)
+    return result
+
+
 def save_universal(engine, save_dir: str, tag: Optional[str] = None, *, blocking: bool = True,
                    client_state: Optional[Dict[str, Any]] = None, exclude_frozen_parameters: bool = False,
                    config: Optional[str] = None, **options: Any):
@@ -136,8 +151,8 @@ def save_universal(engine, save_dir: str, tag: Optional[str] = None, *, blocking
     if previous is not None:
         try:
             previous.wait()
-        except BaseException:  # noqa: BLE001 - reported by that save's own wait()
-            pass
+        except BaseException as exc:  # noqa: BLE001 - also raised by that save's own wait()
+            logger.warning("uckpt: the previous background save_universal failed: %s", exc)
     if not (dist.is_available() and dist.is_initialized()):
         raise UckptError("save_universal runs inside a distributed DeepSpeed job (no process group is initialised)",
                          fix="call it after deepspeed.initialize, on every rank")
@@ -161,21 +176,22 @@ def save_universal(engine, save_dir: str, tag: Optional[str] = None, *, blocking
     files = capture(engine, save_dir, tag, client_state, exclude_frozen_parameters)
     timings = {"prepare_s": round(t_capture - t0, 4), "capture_s": round(time.monotonic() - t_capture, 4)}
     if blocking:
-        report = run(cfg, comm, inp=MemoryInput(output, files))
+        inp = _agreed(comm, lambda: MemoryInput(output, files))
+        report = run(cfg, comm, inp=inp)
         total = time.monotonic() - t0
         report["in_job"] = dict(timings, blocking=True, blocked_s=round(total, 4), total_s=round(total, 4))
         return report
     t_snapshot = time.monotonic()
-    copied, used = snapshot(files, _buffers)
-    held = [copied]  # handed over (and dropped) by the thread
-    del files, copied
-    nbytes = snapshot_bytes(held[0])
+    copied, used = _agreed(comm, lambda: snapshot(files, _buffers))  # one rank out of memory: all stop
+    held = [_agreed(comm, lambda: MemoryInput(output, copied))]  # handed over (and dropped) by the thread
+    nbytes = snapshot_bytes(copied)
+    files = copied = None  # the thread holds the only reference to the snapshot
     blocked = time.monotonic() - t0
     timings["snapshot_s"] = round(time.monotonic() - t_snapshot, 4)
 
     def convert():
         try:
-            report = run(cfg, comm, inp=MemoryInput(output, held.pop()))
+            report = run(cfg, comm, inp=held.pop())
         finally:
             _buffers.release(used)  # written (or failed): the next snapshot may reuse them
         report["in_job"] = dict(timings, blocking=False, blocked_s=round(blocked, 4),

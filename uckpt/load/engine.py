@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 
 from ..dsformat import constants as C
-from ..errors import CheckpointError, InvalidCheckpointError, UnsupportedEngineError
+from ..errors import CheckpointError, InvalidCheckpointError, RemoteError, UnsupportedEngineError
 from ..dsformat.universal import deepspeed_classes
 from ..torchsave import reader as ranged
 from ..torchsave.format import map_leaves, materialize
@@ -272,27 +272,60 @@ def _saved_names(folder: str) -> List[str]:
     return sorted(n for n in os.listdir(zero) if os.path.isdir(os.path.join(zero, n)))
 
 
-def _match_names(engine, optimizer, files: StateFiles, stage3: bool) -> Tuple[List[str], List[str]]:
-    """(trainable parameters of the target without a folder in the checkpoint, folders of the checkpoint
-    naming no parameter or buffer of the target on any rank). A zero-element parameter holds no values,
-    so its absence on either side is no mismatch (tiny_train's one exists only below ZeRO-3)."""
-    saved = set(_saved_names(files.folder))
-    missing = [optimizer.param_names[p] for p in _trainable(optimizer, stage3)
-               if optimizer.param_names[p] not in saved and _numel(p) > 0]
-    known = {n for n, _ in engine.module.named_parameters(remove_duplicate=False)}
-    known |= {n for n, _ in engine.module.named_buffers(remove_duplicate=False)}
+def _check_engine(optimizer, stage3: bool):
+    if not stage3 and _lp_groups(optimizer) is None:
+        raise UnsupportedEngineError(f"engine optimizer {type(optimizer).__name__} is not a ZeRO-1/2/3 or BF16 "
+                                     "optimizer", fix="enable zero_optimization (stage 1, 2 or 3) or bf16 in the "
+                                                      "DeepSpeed config")
+    if stage3 and getattr(optimizer, "swap_optimizer", False):
+        raise UnsupportedEngineError("NVMe optimizer offload is not supported by uckpt.load_into_engine",
+                                     fix="load with DeepSpeed's engine.load_checkpoint(load_universal=True)")
+
+
+def _names_agreed(engine, optimizer, load_dir: str, tag: Optional[str]):
+    """Every rank finds the folder, checks the engine and lists its own names, then one collective: a
+    rank's failure stops every rank with that cause (none is left waiting), and all ranks see every
+    rank's missing parameters and names (a pipeline stage holds its own layers only), so a strict
+    refusal happens on all of them."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():  # a pipeline stage holds its own layers only
+    error, folder, files, stage3, missing, known = None, None, None, False, [], set()
+    try:
+        folder = resolve_folder(load_dir, tag)
+        files = StateFiles(folder)
+        stage3 = _is_stage3(optimizer)
+        _check_engine(optimizer, stage3)
+        saved = set(_saved_names(files.folder))
+        missing = [optimizer.param_names[p] for p in _trainable(optimizer, stage3)
+                   if optimizer.param_names[p] not in saved and _numel(p) > 0]
+        known = {n for n, _ in engine.module.named_parameters(remove_duplicate=False)}
+        known |= {n for n, _ in engine.module.named_buffers(remove_duplicate=False)}
+    except Exception as exc:  # noqa: BLE001 - agreed below
+        error = exc
+    mine = (None if error is None else f"{type(error).__name__}: {error}", missing, sorted(known))
+    everyone = [mine]
+    if dist.is_available() and dist.is_initialized():
         everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, sorted(known))
-        known = {n for names in everyone for n in names}
+        dist.all_gather_object(everyone, mine)
+    if error is not None:
+        raise error
+    for rank, (remote, _, _) in enumerate(everyone):
+        if remote is not None:
+            raise RemoteError(f"loader rank {rank} failed: {remote}")
+    missing = sorted({n for _, m, _ in everyone for n in m})
+    known = {n for _, _, names in everyone for n in names}
+    return folder, files, stage3, missing, _unexpected(files, known)
+
+
+def _unexpected(files: StateFiles, known) -> List[str]:
+    """Folders of the checkpoint naming no parameter or buffer of the target on any rank."""
+    saved = set(_saved_names(files.folder))
     unexpected = []
     for name in sorted(saved - known):
         path = _state_path(files.folder, name, C.FP32_WEIGHT_KEY)
         if not os.path.isfile(path) or files.open_path(path)[0].numel() > 0:
             unexpected.append(name)
-    return missing, unexpected
+    return unexpected
 
 
 def _strict_error(folder: str, missing: Sequence[str], unexpected: Sequence[str]) -> InvalidCheckpointError:
@@ -416,19 +449,9 @@ def load_into_engine(engine, load_dir: str, tag: Optional[str] = None, config: O
     values = dict(options, **{k: v for k, v in flags.items() if v is not None})
     cfg = optmod.build(config, values=values, schema=optmod.LoadConfig)
     with_optimizer = cfg.load_optimizer_states and not cfg.load_module_only
-    folder = resolve_folder(load_dir, cfg.tag)
-    files = StateFiles(folder)
     before = IO.snapshot()
     optimizer = engine.optimizer
-    stage3 = _is_stage3(optimizer)
-    if not stage3 and _lp_groups(optimizer) is None:
-        raise UnsupportedEngineError(f"engine optimizer {type(optimizer).__name__} is not a ZeRO-1/2/3 or BF16 "
-                                     "optimizer", fix="enable zero_optimization (stage 1, 2 or 3) or bf16 in the "
-                                                      "DeepSpeed config")
-    if stage3 and getattr(optimizer, "swap_optimizer", False):
-        raise UnsupportedEngineError("NVMe optimizer offload is not supported by uckpt.load_into_engine",
-                                     fix="load with DeepSpeed's engine.load_checkpoint(load_universal=True)")
-    missing, unexpected = _match_names(engine, optimizer, files, stage3)
+    folder, files, stage3, missing, unexpected = _names_agreed(engine, optimizer, load_dir, cfg.tag)
     if cfg.load_module_strict and (missing or unexpected):
         raise _strict_error(folder, missing, unexpected)
     if missing or unexpected:

@@ -73,6 +73,12 @@ report = uckpt.save_universal(offload, save_dir, tag="offload", **quiet)
 result["offload"] = "ok"
 result["offload_params"] = report["checkpoint"]["params"]
 
+# client state torch.save cannot pickle: a one-line error on the writing rank, every rank stops at once
+t_bad = time.monotonic()
+outcome("unpicklable", lambda: uckpt.save_universal(engine, save_dir, tag="bad", client_state={"f": lambda: 0},
+                                                    **quiet))
+result["unpicklable_seconds"] = time.monotonic() - t_bad
+
 # a second background save while one is in flight first waits for it; both publish
 first = uckpt.save_universal(engine, save_dir, tag="bg1", blocking=False, **quiet)
 second = uckpt.save_universal(engine, save_dir, tag="bg2", blocking=False, **quiet)
