@@ -23,6 +23,15 @@ def fsync_dir(path: str):
         os.close(fd)
 
 
+def fsync_file(path: str):
+    """Make a file's bytes durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 

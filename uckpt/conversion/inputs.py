@@ -16,7 +16,7 @@ from ..regions import Source
 from ..torchsave.reader import FileTensor
 from ..torchsave.writer import payload_bytes
 from .comm import Comm
-from .output import OutputSink
+from .output import OutputSink, check_output, check_paths
 from .plan import assign_readers
 
 
@@ -24,6 +24,7 @@ class NativeInput:
     """The native checkpoint a conversion reads."""
 
     label: str  # what the report names as the input
+    resumable = False  # whether a rerun may adopt a dead run's partial output (resume_key)
 
     def files(self, comm: Comm) -> CheckpointFiles:
         raise NotImplementedError
@@ -40,6 +41,10 @@ class NativeInput:
         """Check the bytes of ``paths`` against their CRC-32; the bytes checked."""
         return 0
 
+    def check_output(self, output_folder: str, overwrite: bool):
+        """Refuse an output this conversion must not write (existing, or clashing with the input)."""
+        check_output(output_folder, overwrite)
+
     def resume_key(self) -> Optional[Dict[str, Any]]:
         """What must be unchanged for a rerun to trust an earlier run's files (``None``: never resumed)."""
         return None
@@ -52,6 +57,8 @@ class NativeInput:
 class FolderInput(NativeInput):
     """A tag folder written by ``engine.save_checkpoint``: shards opened lazily (pickles only), read
     by byte range; the largest files spread over the ranks first."""
+
+    resumable = True
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -70,6 +77,9 @@ class FolderInput(NativeInput):
 
     def verify(self, paths: List[str]) -> int:
         return sum(check_integrity(path) for path in paths)
+
+    def check_output(self, output_folder: str, overwrite: bool):
+        check_paths(self.folder, output_folder, overwrite)  # and neither inside the other
 
     def resume_key(self) -> Dict[str, Any]:
         return {"input": self.label,

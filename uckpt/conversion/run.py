@@ -29,7 +29,7 @@ from ..torchsave.stats import IO
 from . import exchange, payloads, report as reportmod
 from .comm import Comm, Phase
 from .inputs import FolderInput, NativeInput
-from .output import OutputFolder, OutputSink, check_output, check_paths
+from .output import OutputFolder, OutputSink
 from .plan import ConvertPlan, describe, make_plan, param_bytes
 from .progress import Progress
 from .source import FragmentSource, ShardFiles
@@ -107,7 +107,6 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None, inp: Optional[NativeInput] 
     run_id = comm.all_gather_object(os.urandom(8).hex())[0]  # rank 0's: one partial folder name for all ranks
     out = OutputFolder(cfg.output_folder, cfg.io.threads, run_id=run_id, overwrite=cfg.overwrite,
                        wait_for_lock=cfg.wait_for_lock)
-    resumable = inp.resume_key() is not None  # before anything can fail (it stats the input files)
     try:
         _write(o, out)
         report["ranks"] = comm.all_gather_object(reportmod.rank_io(comm.rank, r.opened, r.read_bytes,
@@ -123,7 +122,7 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None, inp: Optional[NativeInput] 
                 report["latest_universal"] = out.finish()
     except BaseException as exc:
         if comm.rank == 0:  # a refusal removes the partial folder; a run cut short leaves it to be resumed
-            out.abort(keep=not isinstance(exc, UckptError) and resumable)
+            out.abort(keep=not isinstance(exc, UckptError) and inp.resumable)
         raise
     finally:
         out.close()
@@ -137,10 +136,7 @@ def _discover(r: _Run, inp: NativeInput, checks_output: bool) -> CheckpointFiles
     with r.phase("discover"):
         files = inp.files(r.comm)
         if checks_output:
-            if isinstance(inp, FolderInput):
-                check_paths(r.cfg.input_folder, r.cfg.output_folder, r.cfg.overwrite)
-            else:
-                check_output(r.cfg.output_folder, r.cfg.overwrite)
+            inp.check_output(r.cfg.output_folder, r.cfg.overwrite)
     return files
 
 

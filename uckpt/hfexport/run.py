@@ -18,7 +18,9 @@ from typing import Any, Dict, List, Optional
 from ..conversion.comm import Comm, Phase
 from ..conversion.output import EXPORT_REPORT, OutputFolder, OutputKind, check_paths
 from ..dsformat import constants as C
-from ..dsformat.universal import deepspeed_classes, is_universal, state_files
+from ..conversion.durable import fsync_file
+from ..conversion.plan import assign_readers
+from ..dsformat.universal import deepspeed_classes, is_universal, payload_tensor, state_files
 from ..errors import CheckpointError, UckptError
 from ..options import ExportConfig
 from ..torchsave import reader as ranged
@@ -117,9 +119,8 @@ def _universal_tensor(folder: str, name: str, shape: Optional[tuple]):
     """A parameter's fp32 master from its ``fp32.pt``, in its module shape (a ZeRO-3-made folder keeps
     it flat)."""
     path = os.path.join(folder, C.UNIVERSAL_ZERO_FOLDER, name, C.FP32_WEIGHT_KEY + C.STATE_FILE_SUFFIX)
-    payload = materialize(ranged.open_lazy(path), deepspeed_classes())
-    tensor = payload.get(C.PARAM) if isinstance(payload, dict) else payload
-    if not isinstance(tensor, ranged.FileTensor):
+    tensor = payload_tensor(materialize(ranged.open_lazy(path), deepspeed_classes()), ranged.FileTensor)
+    if tensor is None:
         raise CheckpointError("holds no tensor under 'param'", path)
     return shaped(tensor.load(), shape)
 
@@ -130,16 +131,6 @@ def shaped(value, shape):
     if shape is not None and tuple(value.shape) != tuple(shape) and value.numel() == shape_numel(shape):
         return value.reshape(tuple(shape))
     return value
-
-
-def _balance(targets: List[hfnames.Target], sizes: Dict[str, int], world: int) -> List[int]:
-    """Rank of each target: largest first onto the least-loaded rank."""
-    load, owner = [0] * world, [0] * len(targets)
-    for i in sorted(range(len(targets)), key=lambda i: -sum(sizes.get(p, 0) for p in targets[i].parts)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        owner[i] = r
-        load[r] += sum(sizes.get(p, 0) for p in targets[i].parts)
-    return owner
 
 
 def _config_folder(hf_config: Optional[str]) -> Optional[str]:
@@ -159,11 +150,7 @@ def _copy_side_files(hf_config: Optional[str], partial: str) -> List[str]:
         if os.path.isfile(os.path.join(src, name)):
             dst = os.path.join(partial, name)
             shutil.copyfile(os.path.join(src, name), dst)
-            fd = os.open(dst, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(dst)
             copied.append(name)
     return copied
 
@@ -171,10 +158,10 @@ def _copy_side_files(hf_config: Optional[str], partial: str) -> List[str]:
 def _write_report(folder: str, report: Dict[str, Any]):
     import json
 
-    with open(os.path.join(folder, EXPORT_REPORT), "w") as f:
+    path = os.path.join(folder, EXPORT_REPORT)
+    with open(path, "w") as f:
         json.dump(report, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
+    fsync_file(path)
 
 
 def export(cfg: ExportConfig, comm: Comm, stream=None) -> Dict[str, Any]:
@@ -248,7 +235,8 @@ def _from_universal(cfg: ExportConfig, comm: Comm, writer: ShardWriter, timings,
         dtype, dtype_name = _dtype(cfg, model_state)
         sizes = {n: os.path.getsize(os.path.join(zero, n, C.FP32_WEIGHT_KEY + C.STATE_FILE_SUFFIX))
                  for t in targets for n in t.parts}
-        owners = _balance(targets, sizes, comm.world_size)
+        # largest first onto the least-loaded rank, as the converter spreads its input files
+        owners = assign_readers([sum(sizes[p] for p in t.parts) for t in targets], comm.world_size)
         shapes = _shapes(model_state)
     log(f"exporting {len(targets)} tensors from {folder} ({dtype_name}) on {comm.world_size} rank(s)")
     sink = ExportSink(targets, writer, dtype)

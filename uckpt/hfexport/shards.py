@@ -11,6 +11,7 @@ import os
 import re
 from typing import Dict, List, Tuple
 
+from ..conversion.durable import fsync_file
 from ..errors import UckptError
 
 INDEX = "model.safetensors.index.json"
@@ -60,11 +61,7 @@ class ShardWriter:
         name = f"rank{self.rank:05d}-{len(self.files):05d}.safetensors.tmp"
         path = os.path.join(self.folder, name)
         save_file(self._current, path, metadata={"format": "pt"})
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(path)
         self.files.append((name, list(self._current), self._bytes))
         self.bytes_written += os.path.getsize(path)
         self._current, self._bytes = {}, 0

@@ -19,12 +19,13 @@ import time
 from typing import Any, Dict, Optional
 
 from ..conversion import comm as commmod
+from ..conversion.comm import Phase
 from ..conversion.inputs import MemoryInput
 from ..conversion.output import check_output
 from ..conversion.run import run
 from ..dsformat.compat import check_deepspeed
 from ..dsformat.universal import check_name
-from ..errors import OutputError, UckptError
+from ..errors import UckptError
 from .. import options as optmod
 from .capture import HostBuffers, capture, check_engine, snapshot, snapshot_bytes
 
@@ -110,18 +111,6 @@ def _comm(timeout_s: float, background: bool) -> commmod.TorchComm:
                              data_device=f"cuda:{torch.cuda.current_device()}")
 
 
-def _agreed(comm, work):
-    """``work()`` on every rank, then an agreement: a failure on one rank (memory, an object that cannot
-    be viewed) stops all of them with its cause, instead of leaving the others in a collective."""
-    result, error = None, None
-    try:
-        result = work()
-    except Exception as exc:  # noqa: BLE001 - agreed below, re-raised on every rank
-        error = exc
-    comm.agree(error)
-    return result
-
-
 def save_universal(engine, save_dir: str, tag: Optional[str] = None, *, blocking: bool = True,
                    client_state: Optional[Dict[str, Any]] = None, exclude_frozen_parameters: bool = False,
                    config: Optional[str] = None, **options: Any):
@@ -165,29 +154,27 @@ def save_universal(engine, save_dir: str, tag: Optional[str] = None, *, blocking
     rank, world = dist.get_rank(), dist.get_world_size()
     _join(rank, world, float(cfg.dist.timeout_s))
     comm = _comm(float(cfg.dist.timeout_s), background=not blocking)
-    error = None
-    try:  # refusals every rank sees before anything is captured
+    phases: Dict[str, float] = {}  # each phase ends in an agreement: one rank's failure stops every rank
+    with Phase(comm, phases, "checks"):  # refusals every rank sees before anything is captured
         check_engine(engine)
         check_output(output, cfg.overwrite)  # every rank: each names the cause itself
-    except (UckptError, OutputError) as exc:
-        error = exc
-    comm.agree(error)
     t_capture = time.monotonic()
     files = capture(engine, save_dir, tag, client_state, exclude_frozen_parameters)
     timings = {"prepare_s": round(t_capture - t0, 4), "capture_s": round(time.monotonic() - t_capture, 4)}
     if blocking:
-        inp = _agreed(comm, lambda: MemoryInput(output, files))
+        with Phase(comm, phases, "view"):
+            inp = MemoryInput(output, files)
         report = run(cfg, comm, inp=inp)
         total = time.monotonic() - t0
         report["in_job"] = dict(timings, blocking=True, blocked_s=round(total, 4), total_s=round(total, 4))
         return report
-    t_snapshot = time.monotonic()
-    copied, used = _agreed(comm, lambda: snapshot(files, _buffers))  # one rank out of memory: all stop
-    held = [_agreed(comm, lambda: MemoryInput(output, copied))]  # handed over (and dropped) by the thread
+    with Phase(comm, phases, "snapshot"):  # one rank out of memory: all stop
+        copied, used = snapshot(files, _buffers)
+        held = [MemoryInput(output, copied)]  # handed over (and dropped) by the thread
     nbytes = snapshot_bytes(copied)
-    files = copied = None  # the thread holds the only reference to the snapshot
+    del files, copied  # the thread holds the only reference to the snapshot
     blocked = time.monotonic() - t0
-    timings["snapshot_s"] = round(time.monotonic() - t_snapshot, 4)
+    timings["snapshot_s"] = round(phases["snapshot"], 4)
 
     def convert():
         try:

@@ -289,7 +289,7 @@ def _names_agreed(engine, optimizer, load_dir: str, tag: Optional[str]):
     refusal happens on all of them."""
     import torch.distributed as dist
 
-    error, folder, files, stage3, missing, known = None, None, None, False, [], set()
+    error, folder, files, stage3, missing, known, saved = None, None, None, False, [], set(), set()
     try:
         folder = resolve_folder(load_dir, tag)
         files = StateFiles(folder)
@@ -314,12 +314,11 @@ def _names_agreed(engine, optimizer, load_dir: str, tag: Optional[str]):
             raise RemoteError(f"loader rank {rank} failed: {remote}")
     missing = sorted({n for _, m, _ in everyone for n in m})
     known = {n for _, _, names in everyone for n in names}
-    return folder, files, stage3, missing, _unexpected(files, known)
+    return folder, files, stage3, missing, _unexpected(files, saved, known)
 
 
-def _unexpected(files: StateFiles, known) -> List[str]:
-    """Folders of the checkpoint naming no parameter or buffer of the target on any rank."""
-    saved = set(_saved_names(files.folder))
+def _unexpected(files: StateFiles, saved, known) -> List[str]:
+    """Folders of the checkpoint (``saved``) naming no parameter or buffer of the target on any rank."""
     unexpected = []
     for name in sorted(saved - known):
         path = _state_path(files.folder, name, C.FP32_WEIGHT_KEY)
