@@ -103,6 +103,26 @@ class ExportConfig:
 
 
 @dataclass
+class SimulateConfig:
+    """Options of ``uckpt plan --simulate``: the plan of a synthetic checkpoint at many converter sizes,
+    without any file (:mod:`uckpt.tools.simulate`)."""
+
+    simulate: str = opt("llama-8b", "plan a synthetic checkpoint of this model layout instead of a folder",
+                        choices=["llama-8b", "llama-70b", "llama-405b"])
+    dp: int = opt(8, "data-parallel size of the job that saved it")
+    tp: int = opt(1, "tensor-parallel (AutoTP) size of the job that saved it")
+    pp: int = opt(1, "pipeline stages of the job that saved it (ZeRO-1 only, as DeepSpeed)")
+    zero_stage: int = opt(2, "ZeRO stage of the job that saved it", choices=[1, 2, 3])
+    dtype: str = opt("bf16", "training dtype of the job that saved it", choices=["bf16", "fp32"])
+    ranks: str = opt("1,2,4,8,16,32,64,128,256,512,1024", "converter sizes to plan for (comma-separated)")
+    read_gbps: float = opt(2.0, "per-rank read bandwidth in GB/s, for the predicted time")
+    write_gbps: float = opt(1.0, "per-rank write bandwidth in GB/s, for the predicted time")
+    net_gbps: float = opt(10.0, "per-rank network bandwidth in GB/s, for the predicted time")
+    memory: MemoryConfig = opt(factory=MemoryConfig)
+    log: LogConfig = opt(factory=LogConfig)
+
+
+@dataclass
 class LoadConfig:
     """Options of ``uckpt.load_into_engine`` (YAML: ``configs/load.yaml``)."""
 

@@ -99,6 +99,8 @@ class FallbackSpec:
 
     name: str
     source: int  # model file holding module[name]
+    nbytes: int = 0  # of module[name] as saved: what writing it reads
+    numel: int = 0
 
 
 @dataclass(frozen=True)

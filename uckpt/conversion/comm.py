@@ -23,6 +23,8 @@ class Comm:
     rank = 0
     world_size = 1
     backend = "none"
+    calls = 0  # collectives joined (none here: one process has no one to wait for)
+    sent_bytes = 0  # fragment bytes sent to other ranks
 
     def all_gather_object(self, obj: Any) -> List[Any]:
         return [obj]
@@ -68,11 +70,14 @@ class TorchComm(Comm):
         self._owns = owns_group
 
     def all_gather_object(self, obj: Any) -> List[Any]:
+        self.calls += 1
         out: List[Any] = [None] * self.world_size
         self.dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def all_to_all(self, send: bytearray, send_counts: Sequence[int], recv_counts: Sequence[int]) -> bytearray:
+        self.calls += 1
+        self.sent_bytes += 4 * (sum(send_counts) - send_counts[self.rank])
         recv_host = bytearray(4 * sum(recv_counts))
         recv_cpu = as_fp32_tensor(recv_host)
         recv = recv_cpu if self.data_device.type == "cpu" else self.torch.empty_like(recv_cpu, device=self.data_device)
@@ -83,6 +88,7 @@ class TorchComm(Comm):
         return recv_host
 
     def barrier(self):
+        self.calls += 1
         self.dist.barrier(group=self.group)
 
     def close(self):

@@ -171,6 +171,7 @@ class OutputFolder(OutputSink):
         self._batch_bytes = 0
         self.bytes_written = 0
         self.files_written = 0
+        self.payload_bytes = 0  # tensor bytes of the files written, and the bytes of files copied
 
     # rank 0 only -------------------------------------------------------------------------
     def prepare(self, resume_key: Optional[Dict[str, Any]] = None, restart: bool = False) -> Optional[str]:
@@ -344,7 +345,9 @@ class OutputFolder(OutputSink):
         """Large files stream from a writer thread (their time goes to ``write``, which overlaps the
         next reads). Small ones, thousands in a Universal checkpoint, are serialised here and created
         in batches by the writer threads while this thread waits (:meth:`_write_batch`)."""
-        if sum(tsave.payload_bytes(obj) for obj in files.values()) >= THREADED_WRITE_BYTES:
+        payload = sum(tsave.payload_bytes(obj) for obj in files.values())
+        self.payload_bytes += payload
+        if payload >= THREADED_WRITE_BYTES:
             self._pending.append(self._pool.submit(file_writers.save_files, folder, files))
             return
         images = {path: file_writers.image(obj, path) for path, obj in files.items()}
@@ -374,6 +377,7 @@ class OutputFolder(OutputSink):
         wait(futures)
 
     def copy(self, src: str):
+        self.payload_bytes += os.path.getsize(src)
         self._pending.append(self._pool.submit(file_writers.copy, src, self.partial))
 
     def write_torch(self, obj: Any, *parts: str):

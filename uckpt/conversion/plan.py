@@ -119,27 +119,37 @@ class ConvertPlan:
         return rows
 
 
+def param_need(index: CheckpointIndex, i: int, readers: Sequence[int], owner: int,
+               states: int = STATE_COUNT) -> Dict[int, int]:
+    """Bytes parameter ``i`` holds on each rank during its wave: its owner's assembled states plus the
+    receive buffer of the fragments other ranks read, and each other reader's send buffer. The
+    owner's own fragments are read straight into place (no staging)."""
+    p = index.params[i]
+    per = states * BYTES_PER_ELEMENT
+    need = {owner: per * p.numel}
+    for f in p.fragments:
+        r = readers[f.source]
+        if r != owner:
+            need[r] = need.get(r, 0) + per * f.numel  # its send buffer
+            need[owner] += per * f.numel  # the owner's receive buffer
+    return need
+
+
 def make_waves(index: CheckpointIndex, readers: Sequence[int], owners: Sequence[int], world: int,
                budget_bytes: int, states: int = STATE_COUNT) -> List[Wave]:
-    """Group parameters (in checkpoint order) so each rank's wave memory stays within the budget.
-
-    A rank's wave memory is what it sends plus, for parameters it owns, the received fragments and
-    the assembled tensors (2x the parameter's bytes). A parameter larger than the budget forms a
-    wave of its own: it cannot be split further without changing the Universal file format.
-    """
+    """Group parameters (in checkpoint order) so each rank's wave memory (:func:`param_need`) stays
+    within the budget. A parameter larger than the budget forms a wave of its own: it cannot be
+    split further without changing the Universal file format."""
     waves: List[Wave] = []
     cur, use = None, [0] * world
     for i, p in enumerate(index.params):
-        need = [0] * world
-        need[owners[i]] += 2 * states * BYTES_PER_ELEMENT * p.numel
-        for f in p.fragments:
-            need[readers[f.source]] += states * BYTES_PER_ELEMENT * f.numel
-        if cur is None or any(use[r] + need[r] > budget_bytes for r in range(world)):
+        need = param_need(index, i, readers, owners[i], states)
+        if cur is None or any(use[r] + n > budget_bytes for r, n in need.items()):
             cur, use = Wave([], states=states), [0] * world
             waves.append(cur)
         cur.params.append(i)
-        for r in range(world):
-            use[r] += need[r]
+        for r, n in need.items():
+            use[r] += n
         for j, f in enumerate(p.fragments):
             cur.sends.setdefault((readers[f.source], owners[i]), []).append((i, j))
     return waves

@@ -32,11 +32,16 @@ def header(cfg: ConvertConfig, index: CheckpointIndex, plan: ConvertPlan, backen
 
 
 def rank_io(rank: int, opened: List[str], read_bytes: int, written_bytes: int, files_written: int,
-            io: Dict[str, int], crc_checked_bytes: int) -> Dict[str, Any]:
+            io: Dict[str, int], crc_checked_bytes: int, payload_bytes: int = 0, sent_bytes: int = 0,
+            collective_calls: int = 0) -> Dict[str, Any]:
     """One rank's row of ``report["ranks"]``; ``io``: what this run added to the codec's counters
-    (bytes asked of the file system, bytes written directly and buffered)."""
+    (bytes asked of the file system, bytes written directly and buffered). ``payload_bytes``: tensor
+    bytes written (and files copied), ``sent_bytes``: fragment bytes sent to other ranks,
+    ``collective_calls``: collectives joined before this report was gathered; the three that
+    :mod:`uckpt.conversion.costs` predicts from the plan alone."""
     return {"rank": rank, "opened": opened, "read_bytes": read_bytes, "written_bytes": written_bytes,
-            "files_written": files_written, "io": io, "crc_checked_bytes": crc_checked_bytes,
+            "files_written": files_written, "payload_bytes": payload_bytes, "sent_bytes": sent_bytes,
+            "collective_calls": collective_calls, "io": io, "crc_checked_bytes": crc_checked_bytes,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

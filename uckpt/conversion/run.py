@@ -26,6 +26,7 @@ from ..errors import UckptError
 from ..options import ConvertConfig
 from ..torchsave.reader import EXPECTED_STAND_INS
 from ..torchsave.stats import IO
+from ..torchsave.writer import payload_bytes
 from . import exchange, payloads, report as reportmod
 from .comm import Comm, Phase
 from .inputs import FolderInput, NativeInput
@@ -109,9 +110,9 @@ def run(cfg: ConvertConfig, comm: Comm, stream=None, inp: Optional[NativeInput] 
                        wait_for_lock=cfg.wait_for_lock)
     try:
         _write(o, out)
-        report["ranks"] = comm.all_gather_object(reportmod.rank_io(comm.rank, r.opened, r.read_bytes,
-                                                                   out.bytes_written, out.files_written,
-                                                                   IO.since(io_start), r.crc_bytes))
+        report["ranks"] = comm.all_gather_object(reportmod.rank_io(
+            comm.rank, r.opened, r.read_bytes, out.bytes_written, out.files_written, IO.since(io_start), r.crc_bytes,
+            out.payload_bytes, comm.sent_bytes, comm.calls))
         if r.resumed:
             report["resumed"] = r.resumed
         r.timings["total"] = time.monotonic() - t_start
@@ -284,5 +285,6 @@ def _other_files(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, out
             r.read_bytes += tensor.nbytes
             out.write_param(fb.name, {C.FP32_WEIGHT_KEY: payloads.fallback_payload(tensor)})
     if plan.optimizer_state_writer == r.comm.rank:
-        out.write_file(payloads.optimizer_state(index, shards[index.optimizer_state_source]), C.UNIVERSAL_ZERO_FOLDER,
-                       C.UNIVERSAL_OPTIMIZER_STATE_FILE)
+        state = payloads.optimizer_state(index, shards[index.optimizer_state_source])
+        r.read_bytes += payload_bytes(state)  # ZeRO-3: DeepSpeed keeps the whole partition in it
+        out.write_file(state, C.UNIVERSAL_ZERO_FOLDER, C.UNIVERSAL_OPTIMIZER_STATE_FILE)

@@ -37,6 +37,9 @@ class CheckpointIndex:
     injected_uc_info: bool
     optimizer_state_source: int  # source whose optimizer state becomes zero/optimizer_state.pt
     copy_sources: List[int]  # model files copied into the output
+    # tensor bytes zero/optimizer_state.pt holds (ZeRO-3: DeepSpeed copies the whole first optimizer
+    # partition into it, so its writer reads and writes them; ZeRO-1/2: none, the partitions are left out)
+    optimizer_state_bytes: int = 0
     # AutoEP: (expert pattern, layers) written into the output model files' UC info; layers None: each file's own
     autoep_uc: Optional[Tuple[str, Optional[List[Dict[str, Any]]]]] = None
     global_steps: Optional[int] = None
@@ -324,13 +327,24 @@ def _build_zero12(files, metas, stage, inject, strict, ep_info=None) -> Checkpoi
                 # is exactly the alias's tensor (TP=1, no vocabulary cut); elsewhere as DeepSpeed does.
                 aliases[key] = canonical.name
             else:
-                fallbacks.append(FallbackSpec(key, s.index))
+                fallbacks.append(FallbackSpec(key, s.index, metas[s.index].module_nbytes.get(key, 0),
+                                              shape_numel(metas[s.index].module_shapes[key])))
             written.add(key)
     return CheckpointIndex(files=files, family=Family.ZERO12, zero_stage=stage, tp_degree=tp, pp_degree=pp,
                            dp_degree=dp, params=params, fallbacks=fallbacks, aliases=aliases, uc_info=uc,
                            injected_uc_info=injected, optimizer_state_source=optim_at[(0, 0)].index,
                            copy_sources=[s.index for s in models], autoep_uc=(C.AUTOEP_UNIVERSAL_EXPERT_PATTERN, ep_info.lightweight()) if ep_info else None,
                            global_steps=model0.global_steps, ds_version=model0.ds_version, notes=notes)
+
+
+def _partition_bytes(meta: OptimMeta) -> int:
+    """Tensor bytes of an optimizer file's flat fp32 groups, moments and steps."""
+    total = 0
+    for g in meta.groups:
+        total += 4 * (g.fp32_numel + sum(g.state_numels.values()))
+        if isinstance(g.step, TensorData):
+            total += len(memoryview(g.step.data).cast("B"))
+    return total
 
 
 def _build_zero3(files, metas, stage, strict) -> CheckpointIndex:
@@ -397,6 +411,7 @@ def _build_zero3(files, metas, stage, strict) -> CheckpointIndex:
     return CheckpointIndex(files=files, family=Family.ZERO3, zero_stage=stage, tp_degree=tp, pp_degree=1, dp_degree=dp,
                            params=params, fallbacks=[], aliases={}, uc_info=uc, injected_uc_info=False,
                            optimizer_state_source=first_optim.index, copy_sources=[s.index for s in models],
+                           optimizer_state_bytes=_partition_bytes(metas[first_optim.index]),
                            autoep_uc=(C.AUTOEP_ZERO3_EXPERT_PATTERN, None) if experts else None,
                            global_steps=metas[model0.index].global_steps, ds_version=metas[model0.index].ds_version,
                            notes=notes)

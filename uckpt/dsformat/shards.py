@@ -44,6 +44,7 @@ class ModelMeta:
 
     param_shapes: Optional[List[Dict[str, Tuple[int, ...]]]]
     module_shapes: Dict[str, Tuple[int, ...]]  # module state_dict keys (params + buffers), in order
+    module_nbytes: Dict[str, int]  # their sizes as saved (what writing a fp32-only folder reads)
     frozen_param_shapes: Dict[str, Tuple[int, ...]]
     shared_params: Dict[str, str]
     uc_info: Optional[Dict[str, Any]]
@@ -101,10 +102,11 @@ def model_meta(sd: Dict[str, Any], path: str) -> ModelMeta:
         param_shapes = [c.shapes(g, f"'{C.PARAM_SHAPES}'[{i}]") for i, g in enumerate(param_shapes)]
     shared = c.dict(sd.get(C.SHARED_PARAMS_KEY), f"'{C.SHARED_PARAMS_KEY}'", optional=True) or {}
     ds_config = c.dict(sd.get(C.DS_CONFIG_KEY), f"'{C.DS_CONFIG_KEY}'", optional=True)  # DeepSpeed reads it as one
+    tensors = {c.str(k, f"a '{C.MODULE_KEY}' key"): c.tensor(v, f"'{C.MODULE_KEY}'[{k!r}]") for k, v in module.items()}
     return ModelMeta(
         param_shapes=param_shapes,
-        module_shapes={c.str(k, f"a '{C.MODULE_KEY}' key"): c.tensor(v, f"'{C.MODULE_KEY}'[{k!r}]").shape
-                       for k, v in module.items()},
+        module_shapes={k: t.shape for k, t in tensors.items()},
+        module_nbytes={k: t.nbytes for k, t in tensors.items()},
         frozen_param_shapes=c.shapes(sd.get(C.FROZEN_PARAM_SHAPES), f"'{C.FROZEN_PARAM_SHAPES}'"),
         shared_params={c.str(k, f"a '{C.SHARED_PARAMS_KEY}' key"): c.str(v, f"'{C.SHARED_PARAMS_KEY}'[{k!r}]")
                        for k, v in shared.items()},

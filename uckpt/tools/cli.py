@@ -22,6 +22,11 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, argument_default=argparse.SUPPRESS)
         for key, flag, kw in options.flags():
             p.add_argument(f"--{flag}", *kw.pop("aliases", []), dest=key, **kw)
+        if name == "plan":  # plus --simulate and its layout options (the budget and log flags are shared)
+            shared = set(options.valid_keys())
+            for key, flag, kw in options.flags(options.SimulateConfig):
+                if key not in shared:
+                    p.add_argument(f"--{flag}", *kw.pop("aliases", []), dest=key, **kw)
         p.add_argument("--config", metavar="YAML", help="omegaconf YAML with the same keys")
         p.add_argument("--print-config", dest="print_config", action="store_true", help="print the resolved config")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. io.threads=8 memory.budget_mb=2048")
@@ -62,6 +67,25 @@ def _inspect_or_verify(command: str, args) -> int:
     return 0 if report["ok"] else 1
 
 
+def _simulate(args) -> int:
+    from .simulate import simulate
+
+    try:
+        known = set(options.valid_keys(options.SimulateConfig))
+        other = sorted(k for k in args if k not in known | {"config", "overrides", "print_config"})
+        if other:
+            raise UckptError(f"--simulate plans a synthetic layout; it takes no {', '.join(other)}",
+                             fix="leave out the options of a real conversion")
+        cfg = options.build(args.pop("config", None), args.pop("overrides", []),
+                            options.nest({k: v for k, v in args.items() if k in known}),
+                            schema=options.SimulateConfig)
+        simulate(cfg)
+    except UckptError as exc:
+        print(f"uckpt: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from ..api import run_with_config
 
@@ -84,6 +108,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"uckpt: error: {exc}", file=sys.stderr, flush=True)
             return 2
         return 0
+    if command == "plan" and "simulate" in args:
+        return _simulate(args)
     yaml_path = args.pop("config", None)
     print_config = args.pop("print_config", False)
     overrides = args.pop("overrides", [])

@@ -1,0 +1,76 @@
+"""The synthetic layouts, the cost model and ``uckpt plan --simulate`` (pure: no file is read).
+tests/integration/test_simulate.py checks both against real DeepSpeed checkpoints and reports."""
+import json
+
+import pytest
+
+from uckpt.conversion.costs import rank_costs
+from uckpt.conversion.plan import make_plan
+from uckpt.dsformat import synthetic as S
+from uckpt.dsformat.index import build_index
+from uckpt.errors import UckptError
+from uckpt.tools.cli import main
+
+
+def _layout(*sizes, groups=1):
+    return S.ModelLayout("t", tuple(S.Entry(f"p{i}", (n,), group=0) for i, n in enumerate(sizes)), groups=groups)
+
+
+def test_zero12_partitions_pad_the_group_to_twice_dp_and_record_each_run():
+    files, metas = S.synthesize(_layout(5, 3, 1), S.Parallel(dp=2, zero_stage=2))
+    optims = [metas[s.index] for s in files.optim_sources()]
+    # 9 elements padded to 12 (a multiple of 2 x dp): partitions [0, 6) and [6, 12)
+    assert [g.fp32_numel for m in optims for g in m.groups] == [6, 6]
+    assert optims[0].groups[0].mappings == {"p0": (0, 5), "p1": (5, 1)}
+    assert optims[1].groups[0].mappings == {"p1": (0, 2), "p2": (2, 1)}
+
+
+def test_zero3_splits_groups_at_sub_group_size_of_partition_elements():
+    files, metas = S.synthesize(_layout(8, 8, 8), S.Parallel(dp=2, zero_stage=3, sub_group_size=8))
+    model = metas[files.model_sources()[0].index]
+    assert [list(g) for g in model.param_shapes] == [["p0", "p1"], ["p2"]]  # 4 + 4 reaches 8, then the rest
+    optim = metas[files.optim_sources()[0].index]
+    assert [g.fp32_numel for g in optim.groups] == [8, 4]
+
+
+def test_costs_move_every_byte_once_whatever_the_converter_size():
+    files, metas = S.synthesize(S.llama("llama-8b"), S.Parallel(dp=4, tp=2, zero_stage=1))
+    index = build_index(files, metas, inject_missing_state=True)
+    totals = set()
+    for n in (1, 3, 8):
+        rows = rank_costs(index, make_plan(index, n, 4096 << 20))
+        assert sum(r.sent_bytes for r in rows) == sum(r.received_bytes for r in rows)
+        assert (n == 1) == (sum(r.sent_bytes for r in rows) == 0)
+        assert sum(r.files_read for r in rows) == len(files.sources)
+        totals.add((sum(r.read_bytes for r in rows), sum(r.written_bytes for r in rows)))
+    assert len(totals) == 1
+    (read, written), = totals
+    # TP=2: the replicated embedding and norms are read twice and written once
+    assert read > written > 3 * 4 * 8_000_000_000
+
+
+def test_layout_errors_are_one_line():
+    with pytest.raises(UckptError, match="does not divide by tp=3"):
+        S.synthesize(S.llama("llama-8b"), S.Parallel(dp=2, tp=3))
+    with pytest.raises(UckptError, match="ZeRO stage 0 and 1 only"):
+        S.synthesize(S.llama("llama-8b"), S.Parallel(dp=2, pp=2, zero_stage=2))
+
+
+def test_cli_prints_and_writes_every_rank(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    ranks = [1, 2, 4, 8, 16, 32, 64]
+    assert main(["plan", "--simulate", "llama-8b", "--dp", "8", "--ranks", ",".join(map(str, ranks)),
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "llama-8b: ZeRO-2 bf16, dp=8" in text and "scaling stops near" in text
+    sim = json.loads(out.read_text())
+    assert [p["ranks"] for p in sim["points"]] == ranks
+    assert [len(p["per_rank"]) for p in sim["points"]] == ranks
+    assert sim["scaling_limit"]["ranks"] in ranks[1:-1]
+    one, many = sim["points"][0], sim["points"][-1]
+    assert many["read_bytes"]["max"] < one["read_bytes"]["max"] and many["predicted_s"] < one["predicted_s"]
+
+
+def test_cli_refuses_options_of_a_real_conversion(capsys):
+    assert main(["plan", "--simulate", "llama-8b", "--input_folder", "x"]) == 2
+    assert "takes no input_folder" in capsys.readouterr().err

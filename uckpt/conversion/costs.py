@@ -1,0 +1,158 @@
+"""What a plan costs each rank, computed from the plan alone: the bytes it reads, sends, receives
+and writes, the collectives it joins and the wave memory it holds, and a time under given
+bandwidths. ``uckpt plan --simulate`` prints these for layouts no disk here could hold; the
+integration tests check them against what real conversions count in ``uckpt_report.json``.
+
+Counted as the run counts them (:mod:`uckpt.conversion.run`, ``ranks[]`` of the report):
+
+* read: the fragments a rank packs (every tensor state), the model files it copies, the module
+  tensors of the fp32-only folders it writes, and ``zero/optimizer_state.pt``'s tensors. Not
+  counted: each shard's pickle (a few KB) and the CRC pass, which reads the files it opened again.
+* sent / received: fragment bytes that cross to another rank in the waves' ``all_to_all``.
+* written: tensor bytes of the files it writes, plus the model files it copies; each file's
+  container (zip records, pickle: about 1 KB) is not counted.
+* collective calls: each phase's agreement, the metadata gathers and one ``all_to_all`` per wave.
+"""
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+from ..dsformat.index import CheckpointIndex
+from ..dsformat.tp_rules import MergeKind
+from ..regions import ParamSpec
+from ..torchsave.format import TensorData, shape_numel
+from .plan import BYTES_PER_ELEMENT, ConvertPlan, param_need
+
+# Collectives a run joins before its report is gathered, besides the waves (rank > 1): the CUDA
+# agreement of backend "auto" when uckpt starts the process group (comm.setup), the agreements of
+# phases discover, read_metadata, verify_crc, plan, prepare_output, model_files, other_files and
+# fsync (one all_gather each), and the metadata, run id and resume-decision gathers. Each wave adds
+# its pack and merge_write agreements and its all_to_all. (The report gather and the publish
+# agreement follow.)
+FIXED_COLLECTIVES = 12
+PER_WAVE_COLLECTIVES = 3
+
+
+@dataclass
+class RankCost:
+    rank: int
+    files_read: int = 0
+    read_bytes: int = 0
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    written_bytes: int = 0
+    params_owned: int = 0
+    peak_buffer_bytes: int = 0  # the largest wave's fragments and assembled tensors (the plan's bound)
+    collective_calls: int = 0
+
+
+def written_numel(spec: ParamSpec) -> int:
+    """Elements of one state file of ``spec``: the merged tensor (one slice of a replicated or averaged
+    parameter, the kept rows after a vocabulary cut)."""
+    rule = spec.rule
+    if spec.flat_output or rule is None:
+        return spec.numel
+    if rule.kind in (MergeKind.REPLICATED, MergeKind.AVERAGE):
+        return shape_numel(spec.tp_shapes[0])
+    if rule.vocab_rows is not None:
+        merged = list(spec.tp_shapes[0])
+        merged[rule.cat_dim] = sum(s[rule.cat_dim] for s in spec.tp_shapes)
+        return min(rule.vocab_rows, merged[0]) * shape_numel(merged[1:])
+    return spec.numel
+
+
+def _value_bytes(value) -> int:
+    return len(memoryview(value.data).cast("B")) if isinstance(value, TensorData) else 0
+
+
+def rank_costs(index: CheckpointIndex, plan: ConvertPlan, verify_crc: bool = True) -> List[RankCost]:
+    world = plan.world_size
+    states = len(plan.states)
+    rows = [RankCost(r) for r in range(world)]
+    sources = index.files.sources
+    for s in sources:
+        rows[plan.readers[s.index]].files_read += 1
+    for s, writer in plan.copy_writers.items():
+        rows[writer].read_bytes += sources[s].nbytes
+        rows[writer].written_bytes += sources[s].nbytes
+    aliases: Dict[str, int] = {}
+    for canonical in index.aliases.values():
+        aliases[canonical] = aliases.get(canonical, 0) + 1
+    for wave in plan.waves:
+        use = [0] * world
+        for (src, dst), items in wave.sends.items():
+            n = states * BYTES_PER_ELEMENT * sum(index.params[p].fragments[f].numel for p, f in items)
+            rows[src].read_bytes += n
+            if src != dst:
+                rows[src].sent_bytes += n
+                rows[dst].received_bytes += n
+        for p in wave.params:
+            spec, owner = index.params[p], plan.owners[p]
+            row = rows[owner]
+            row.params_owned += 1
+            for r, n in param_need(index, p, plan.readers, owner, states).items():
+                use[r] += n
+            kept = [st for st in plan.states if st not in spec.skip_states]
+            row.written_bytes += len(kept) * BYTES_PER_ELEMENT * written_numel(spec)
+            row.written_bytes += aliases.get(spec.name, 0) * BYTES_PER_ELEMENT * spec.numel
+            if spec.has_step:
+                row.written_bytes += _value_bytes(spec.step)
+        for r in range(world):
+            rows[r].peak_buffer_bytes = max(rows[r].peak_buffer_bytes, use[r])
+    for i, fb in enumerate(index.fallbacks):
+        row = rows[plan.fallback_writers[i]]
+        row.read_bytes += fb.nbytes
+        row.written_bytes += BYTES_PER_ELEMENT * fb.numel
+    rows[plan.optimizer_state_writer].read_bytes += index.optimizer_state_bytes
+    rows[plan.optimizer_state_writer].written_bytes += index.optimizer_state_bytes
+    if world > 1:
+        calls = FIXED_COLLECTIVES - (0 if verify_crc else 1) + PER_WAVE_COLLECTIVES * len(plan.waves)
+        for row in rows:
+            row.collective_calls = calls
+    return rows
+
+
+@dataclass
+class Bandwidth:
+    """Per-rank bandwidths in bytes per second, and the latency of one collective call in seconds."""
+
+    read: float
+    write: float
+    network: float
+    latency: float = 1e-3
+
+
+def predicted_seconds(index: CheckpointIndex, plan: ConvertPlan, bw: Bandwidth,
+                      rows: Optional[List[RankCost]] = None) -> float:
+    """Time of the plan when every rank moves bytes at ``bw``: the model-file copies (on writer
+    threads, so overlapping the first wave, counted here as if they did not), then each wave as long
+    as its slowest rank (read, exchange and write in turn: the waves are separated by collectives),
+    then the fp32-only folders and ``optimizer_state.pt``, plus each collective's latency."""
+    rows = rows if rows is not None else rank_costs(index, plan)
+    world = plan.world_size
+    states = len(plan.states)
+    sources = index.files.sources
+    copies = [0] * world
+    for s, writer in plan.copy_writers.items():
+        copies[writer] += sources[s].nbytes
+    total = max(c / bw.read + c / bw.write for c in copies)
+    for wave in plan.waves:
+        read, out_, in_, written = [0] * world, [0] * world, [0] * world, [0] * world
+        for (src, dst), items in wave.sends.items():
+            n = states * BYTES_PER_ELEMENT * sum(index.params[p].fragments[f].numel for p, f in items)
+            read[src] += n
+            if src != dst:
+                out_[src] += n
+                in_[dst] += n
+        for p in wave.params:
+            written[plan.owners[p]] += states * BYTES_PER_ELEMENT * written_numel(index.params[p])
+        total += max(read[r] / bw.read + max(out_[r], in_[r]) / bw.network + written[r] / bw.write
+                     for r in range(world))
+    tail = [0] * world
+    for i, fb in enumerate(index.fallbacks):
+        tail[plan.fallback_writers[i]] += fb.nbytes / bw.read + BYTES_PER_ELEMENT * fb.numel / bw.write
+    tail[plan.optimizer_state_writer] += index.optimizer_state_bytes * (1 / bw.read + 1 / bw.write)
+    return total + max(tail) + rows[0].collective_calls * bw.latency
+
+
+def as_dicts(rows: List[RankCost]) -> List[Dict[str, int]]:
+    return [asdict(r) for r in rows]
