@@ -37,7 +37,7 @@ def main():
     from examples import runner
     runs = [measure(runner.torchrun_cmd(args.nproc, [os.path.abspath(__file__), "--worker"]))
             for _ in range(args.repeat)]
-    walls, rss, anon = zip(*runs)
+    walls, rss, anon, _ = zip(*runs)
     print(f"torchrun, {args.nproc} workers that import torch.distributed and join a gloo group: "
           f"wall {statistics.median(walls):.2f} s (median of {args.repeat}: "
           f"{'/'.join(f'{w:.2f}' for w in walls)}), summed peak RSS {max(rss) / 2**20:.0f} MiB, "

@@ -16,6 +16,9 @@ import argparse
 import json
 import os
 import sys
+import threading
+import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -131,6 +134,42 @@ def dump_state(engine, path: str):
         torch.save(out, path)
 
 
+class AnonPeak:
+    """Anonymous memory this process holds beyond what it held at start, at its highest (sampled every
+    5 ms on a thread, from /proc/self/status: RssAnon + RssShmem)."""
+
+    def __init__(self):
+        self.base = self.peak = _anon()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while not self._done.wait(0.005):
+            self.peak = max(self.peak, _anon())
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return max(self.peak, _anon()) - self.base
+
+
+def _anon() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return (int(fields["RssAnon"].split()[0]) + int(fields["RssShmem"].split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def _kept_bytes(engine) -> Optional[int]:
+    """Bytes of optimizer state this rank holds after a load: its fp32 partition and both Adam moments."""
+    groups = getattr(engine.optimizer, "single_partition_of_fp32_groups", None) \
+        or getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    return 3 * 4 * sum(t.numel() for t in groups) if groups else None
+
+
 def _rchar() -> int:
     """Bytes this process has read through read(2)-family calls (Linux /proc/self/io), else 0."""
     try:
@@ -152,6 +191,8 @@ def load(engine, args):
     before = _rchar()
     info = {"loader": args.loader}
     flags = {k: getattr(args, k) for k in LOAD_FLAGS}
+    peak = AnonPeak()
+    t0 = time.perf_counter()
     try:
         if args.loader == "uckpt":
             import uckpt
@@ -172,6 +213,9 @@ def load(engine, args):
         info.update(error_type=[c.__name__ for c in type(exc).__mro__], error=str(exc))
         _write_load_info(args, info)
         return False
+    info["load_s"] = time.perf_counter() - t0
+    info["peak_added_mib"] = peak.stop() / 2**20
+    info["kept_bytes"] = _kept_bytes(engine)
     info["load_path"] = load_path
     info.update(getattr(engine, "uckpt_load_report", None) or {})
     info["client_types"] = {k: f"{type(v).__module__}.{type(v).__qualname__}" for k, v in (client or {}).items()}
