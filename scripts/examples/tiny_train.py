@@ -164,10 +164,14 @@ def _anon() -> int:
 
 
 def _kept_bytes(engine) -> Optional[int]:
-    """Bytes of optimizer state this rank holds after a load: its fp32 partition and both Adam moments."""
+    """Bytes a load must give this rank, as the Universal files hold them (fp32): its partition of the
+    master weights and of both Adam moments, and the whole of each frozen parameter and buffer."""
     groups = getattr(engine.optimizer, "single_partition_of_fp32_groups", None) \
         or getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
-    return 3 * 4 * sum(t.numel() for t in groups) if groups else None
+    if not groups:
+        return None
+    extras = [p for p in engine.module.parameters() if not p.requires_grad] + list(engine.module.buffers())
+    return 3 * 4 * sum(t.numel() for t in groups) + 4 * sum(t.numel() for t in extras)
 
 
 def _rchar() -> int:

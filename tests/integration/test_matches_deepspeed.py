@@ -28,7 +28,7 @@ def test_same_files_keys_and_tensors(store, name, nproc):
     assert compare_universal(ours, theirs, skip=lambda rel: rel == TIED_ALIAS) == []
 
 
-def test_small_memory_budget_converts_one_parameter_per_wave(store):
+def test_small_memory_budget_converts_one_state_per_wave(store):
     ours = store.uckpt_universal("z2-bf16-dp4", 2, "--memory_budget_mb", "0")
     assert compare_universal(ours, store.ds_universal("z2-bf16-dp4"), skip=lambda rel: rel == TIED_ALIAS) == []
 

@@ -275,11 +275,11 @@ def test_a_rank_killed_midway_publishes_nothing_and_the_rerun_resumes(store, tmp
     tag = store.tag("z2-bf16-dp4")
     out = str(tmp_path / "ckpts" / "universal")
     args = ["convert", "--input_folder", tag, "--output_folder", out, "--inject_missing_state", "--quiet",
-            "--memory_budget_mb", "0", "--timeout_s", "60"]  # one parameter per wave: several flushes
+            "--memory_budget_mb", "0", "--timeout_s", "60"]  # one state of one parameter per wave
     job = os.path.join(os.path.dirname(__file__), "jobs", "killed_convert.py")
     t0 = time.monotonic()
     proc = runner.run(runner.torchrun_cmd(2, [job, *args]), check=False, timeout=300,
-                      extra_env={"KILL_RANK": "1", "KILL_AFTER": "2"})
+                      extra_env={"KILL_RANK": "1", "KILL_AFTER": "4"})  # a parameter complete, the next one in part
     assert proc.returncode != 0 and time.monotonic() - t0 < 120
     assert "rank: 1" in proc.stdout and ("SIGKILL" in proc.stdout or "exitcode  : -9" in proc.stdout), proc.stdout
     assert not os.path.exists(out) and len(partial_folders(out)) == 1

@@ -1,6 +1,8 @@
 """The output folder: one writer per output (a lock), a partial folder unique to the run, publication
 that cannot clobber a folder published meanwhile, and files made durable before the rename."""
 import fcntl
+import glob
+import json
 import os
 import threading
 
@@ -97,6 +99,28 @@ def test_a_rerun_adopts_the_dead_runs_partial_folder_and_trusts_only_intact_file
         f.seek(os.path.getsize(f.name) - 30)
         f.write(b"\xff")
     assert out.reusable(["w"]) == set()
+    out.abort()
+    out.close()
+
+
+def test_a_parameter_written_a_state_at_a_time_is_recorded_once_complete(tmp_path):
+    """A parameter too large for the memory budget is written one state per wave: a run that died
+    between its parts left files of it, but the manifest names it only with all its files."""
+    key = {"input": "x"}
+    states = dict(_states(), exp_avg=_states()["fp32"])
+    first, rest = dict(list(states.items())[:1]), dict(list(states.items())[1:])
+    out = output.OutputFolder(str(tmp_path / "u"), run_id="dead")
+    out.prepare(key)
+    out.write_param("w", first, complete=False)
+    out.flush()
+    assert out.reusable(["w"]) == set()  # its first file is written, the parameter is not complete
+    out.write_param("w", rest)
+    out.flush()
+    assert out.reusable(["w"]) == {"w"}
+    manifest = [json.loads(line) for path in glob.glob(os.path.join(out.resume, "manifest-*.jsonl"))
+                for line in open(path)]
+    assert [sorted(os.path.basename(f) for f in e["files"]) for e in manifest] == \
+        [sorted(name + ".pt" for name in states)]
     out.abort()
     out.close()
 

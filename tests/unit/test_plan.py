@@ -121,10 +121,16 @@ def test_waves_respect_the_budget():
         assert max(use) <= budget or len(w.params) == 1
 
 
-def test_parameter_larger_than_budget_gets_its_own_wave():
+def test_parameter_larger_than_budget_moves_one_state_per_wave():
     index = make_index(params=[(10,), (100000,), (10,)])
     plan = make_plan(index, 2, budget_bytes=param_bytes(1000))
-    assert [1] in [w.params for w in plan.waves]
+    split = [w for w in plan.waves if w.params == [1]]
+    assert [w.only for w in split] == list(plan.states) and all(w.states == 1 for w in split)
+    assert [plan.completes(w) for w in split] == [False, False, True]
+    assert all(w.only is None for w in plan.waves if w not in split)
+    # every fragment of the split parameter still moves once per state
+    moved = sum(w.count(index, s, d) for w in split for s in range(2) for d in range(2))
+    assert moved == STATE_COUNT * index.params[1].numel
 
 
 def test_counts_are_consistent_between_sender_and_receiver():

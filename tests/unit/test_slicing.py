@@ -110,6 +110,26 @@ def test_reads_only_the_fragment(tmp_path):
     assert IO.since(before)["read_bytes"] == 10 * 128 * 4
 
 
+@pytest.mark.parametrize("tp_rank,cat_dim,start,numel", [(0, 0, 0, 512 * 256), (1, 0, 128 * 256, 128 * 256),
+                                                      (1, 0, 1000, 300), (1, 1, 0, 10 * 128), (0, 1, 77, 1000)])
+def test_reads_into_a_view_of_a_larger_buffer(tmp_path, tp_rank, cat_dim, start, numel):
+    """The loader reads fragments straight into a slice of the optimizer's flat buffer (a view at an
+    offset of its storage): the same values as a fresh read, nothing outside the slice touched."""
+    full = torch.randn(1024, 256)
+    path = tmp_path / "fp32.pt"
+    torch.save({C.PARAM: full, C.CAT_DIM: cat_dim}, path)
+    lazy = ranged.open_lazy(str(path))
+    ft = lazy.pop(C.PARAM)
+    local = (512, 256) if cat_dim == 0 else (1024, 128)
+    smap = shard_map(ft.shape, lazy, Target(local, tp_rank, 2), C.FP32_WEIGHT_KEY)
+    want = read_flat(ft, smap, start, numel)
+    flat = torch.full((numel + 1000,), -7.0)
+    out = flat.narrow(0, 600, numel)
+    assert read_flat(ft, smap, start, numel, out=out) is out
+    assert torch.equal(out, want)
+    assert torch.all(flat[:600] == -7.0) and torch.all(flat[600 + numel:] == -7.0)
+
+
 def test_zero3_partition_matches_deepspeed_padding():
     flat = torch.arange(10.0)
     for world in (1, 3, 4):

@@ -16,6 +16,7 @@ Counted as the run counts them (:mod:`uckpt.conversion.run`, ``ranks[]`` of the 
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
+from ..dsformat.constants import FP32_WEIGHT_KEY as FP32
 from ..dsformat.index import CheckpointIndex
 from ..dsformat.tp_rules import MergeKind
 from ..regions import ParamSpec
@@ -66,7 +67,6 @@ def _value_bytes(value) -> int:
 
 def rank_costs(index: CheckpointIndex, plan: ConvertPlan, verify_crc: bool = True) -> List[RankCost]:
     world = plan.world_size
-    states = len(plan.states)
     rows = [RankCost(r) for r in range(world)]
     sources = index.files.sources
     for s in sources:
@@ -79,8 +79,9 @@ def rank_costs(index: CheckpointIndex, plan: ConvertPlan, verify_crc: bool = Tru
         aliases[canonical] = aliases.get(canonical, 0) + 1
     for wave in plan.waves:
         use = [0] * world
+        moved = plan.moved(wave)
         for (src, dst), items in wave.sends.items():
-            n = states * BYTES_PER_ELEMENT * sum(index.params[p].fragments[f].numel for p, f in items)
+            n = wave.states * BYTES_PER_ELEMENT * sum(index.params[p].fragments[f].numel for p, f in items)
             rows[src].read_bytes += n
             if src != dst:
                 rows[src].sent_bytes += n
@@ -88,14 +89,15 @@ def rank_costs(index: CheckpointIndex, plan: ConvertPlan, verify_crc: bool = Tru
         for p in wave.params:
             spec, owner = index.params[p], plan.owners[p]
             row = rows[owner]
-            row.params_owned += 1
-            for r, n in param_need(index, p, plan.readers, owner, states).items():
+            row.params_owned += plan.completes(wave)
+            for r, n in param_need(index, p, plan.readers, owner, wave.states).items():
                 use[r] += n
-            kept = [st for st in plan.states if st not in spec.skip_states]
+            kept = [st for st in moved if st not in spec.skip_states]
             row.written_bytes += len(kept) * BYTES_PER_ELEMENT * written_numel(spec)
-            row.written_bytes += aliases.get(spec.name, 0) * BYTES_PER_ELEMENT * spec.numel
-            if spec.has_step:
-                row.written_bytes += _value_bytes(spec.step)
+            if FP32 in moved:
+                row.written_bytes += aliases.get(spec.name, 0) * BYTES_PER_ELEMENT * spec.numel
+                if spec.has_step:
+                    row.written_bytes += _value_bytes(spec.step)
         for r in range(world):
             rows[r].peak_buffer_bytes = max(rows[r].peak_buffer_bytes, use[r])
     for i, fb in enumerate(index.fallbacks):
@@ -129,7 +131,6 @@ def predicted_seconds(index: CheckpointIndex, plan: ConvertPlan, bw: Bandwidth,
     then the fp32-only folders and ``optimizer_state.pt``, plus each collective's latency."""
     rows = rows if rows is not None else rank_costs(index, plan)
     world = plan.world_size
-    states = len(plan.states)
     sources = index.files.sources
     copies = [0] * world
     for s, writer in plan.copy_writers.items():
@@ -138,13 +139,13 @@ def predicted_seconds(index: CheckpointIndex, plan: ConvertPlan, bw: Bandwidth,
     for wave in plan.waves:
         read, out_, in_, written = [0] * world, [0] * world, [0] * world, [0] * world
         for (src, dst), items in wave.sends.items():
-            n = states * BYTES_PER_ELEMENT * sum(index.params[p].fragments[f].numel for p, f in items)
+            n = wave.states * BYTES_PER_ELEMENT * sum(index.params[p].fragments[f].numel for p, f in items)
             read[src] += n
             if src != dst:
                 out_[src] += n
                 in_[dst] += n
         for p in wave.params:
-            written[plan.owners[p]] += states * BYTES_PER_ELEMENT * written_numel(index.params[p])
+            written[plan.owners[p]] += wave.states * BYTES_PER_ELEMENT * written_numel(index.params[p])
         total += max(read[r] / bw.read + max(out_[r], in_[r]) / bw.network + written[r] / bw.write
                      for r in range(world))
     tail = [0] * world

@@ -29,7 +29,7 @@ def pack(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, source: Fragment
         for p, j in wave.sends.get((rank, d), ()):
             spec = index.params[p]
             f = spec.fragments[j]
-            for st in plan.states:
+            for st in plan.moved(wave):
                 if st not in spec.skip_states:  # else a zero placeholder: that state is not written
                     source.read_into(f, st, view[pos:pos + BYTES * f.numel])
                 pos += BYTES * f.numel
@@ -45,7 +45,8 @@ def assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv, source
     Fragments from other ranks come from ``recv`` (placed first: a copy in memory); this rank's own
     are read from the source straight into place (with one rank, nothing is ever staged in a send
     buffer)."""
-    out = {p: {st: directio.buffer(BYTES * index.params[p].numel) for st in plan.states}
+    states = plan.moved(wave)
+    out = {p: {st: directio.buffer(BYTES * index.params[p].numel) for st in states}
            for p in wave.params if plan.owners[p] == rank}
     incoming = memoryview(recv)
     pos = 0
@@ -55,7 +56,7 @@ def assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv, source
         for p, j in wave.sends.get((s, rank), ()):
             spec = index.params[p]
             lo, n = BYTES * spec.flat_offset(spec.fragments[j]), BYTES * spec.fragments[j].numel
-            for st in plan.states:
+            for st in states:
                 out[p][st][lo:lo + n] = incoming[pos:pos + n]
                 pos += n
     mine = wave.sends.get((rank, rank), ())
@@ -68,7 +69,7 @@ def assemble(wave: Wave, index: CheckpointIndex, plan: ConvertPlan, recv, source
         spec = index.params[p]
         f = spec.fragments[j]
         lo, n = BYTES * spec.flat_offset(f), BYTES * f.numel
-        for st in plan.states:
+        for st in states:
             if st not in spec.skip_states:  # else a zero placeholder: that state is not written
                 source.read_into(f, st, memoryview(out[p][st])[lo:lo + n])
         left[p] -= 1

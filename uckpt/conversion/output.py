@@ -106,8 +106,9 @@ class OutputSink:
         """Of ``names``, the parameters already written intact by the run that ``prepare`` resumed."""
         return set()
 
-    def write_param(self, name: str, states: Dict[str, Any]):
-        """One parameter's folder: ``{state: payload}`` (``fp32``, ``exp_avg``, ``exp_avg_sq``, ``step``)."""
+    def write_param(self, name: str, states: Dict[str, Any], complete: bool = True):
+        """One parameter's folder: ``{state: payload}`` (``fp32``, ``exp_avg``, ``exp_avg_sq``, ``step``);
+        ``complete=False``: a first part of it, the rest follows in later calls."""
         raise NotImplementedError
 
     def write_file(self, obj: Any, *parts: str):
@@ -163,6 +164,7 @@ class OutputFolder(OutputSink):
         self._lock_fd = None
         self._written: Dict[str, Tuple[int, int]] = {}  # path -> (bytes, records digest), once written
         self._params: List[Tuple[str, List[str]]] = []  # parameters whose files are queued, not yet recorded
+        self._parts: Dict[str, List[str]] = {}  # files of parameters written a state at a time, not complete yet
         self._manifest = None  # this rank's manifest file, opened on first use
         self._threads = max(1, io_threads)
         self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="uckpt-write")
@@ -320,11 +322,15 @@ class OutputFolder(OutputSink):
         path = os.path.join(self.partial, *parts)
         self._add(os.path.dirname(path), {path: obj})
 
-    def write_param(self, name: str, states: Dict[str, Any]):
-        """One parameter folder ``zero/<name>/`` with one ``<state>.pt`` per entry of ``states``."""
+    def write_param(self, name: str, states: Dict[str, Any], complete: bool = True):
+        """One parameter folder ``zero/<name>/`` with one ``<state>.pt`` per entry of ``states``; with
+        ``complete=False``, the first part of it (a parameter written one state at a time): it is
+        recorded for a resume only once the part that completes it is written, with all its files."""
         folder = os.path.join(self.zero, check_name(name, "parameter name"))
         files = {os.path.join(folder, state + C.STATE_FILE_SUFFIX): obj for state, obj in states.items()}
-        self._params.append((name, list(files)))
+        self._parts.setdefault(name, []).extend(files)
+        if complete:
+            self._params.append((name, self._parts.pop(name)))
         self._add(folder, files)
 
     def _record_done(self):

@@ -91,10 +91,11 @@ def _moved_payload(rule, shape, data) -> Dict[str, Any]:
 
 def param_files(spec: ParamSpec, flats: Dict[str, bytearray]) -> Dict[str, Any]:
     """{state: payload} of a parameter's folder from its assembled flat fp32 states: ``step.pt`` where
-    DeepSpeed writes one, then fp32, exp_avg, exp_avg_sq (less the states its shards lack)."""
-    files = {C.STEP_KEY: spec.step} if spec.has_step else {}
+    DeepSpeed writes one, then fp32, exp_avg, exp_avg_sq (less the states its shards lack); of a
+    parameter moved one state per wave, the files of the states in ``flats`` (step.pt with fp32)."""
+    files = {C.STEP_KEY: spec.step} if spec.has_step and C.FP32_WEIGHT_KEY in flats else {}
     for st in C.TENSOR_STATES:
-        if st not in spec.skip_states:
+        if st in flats and st not in spec.skip_states:
             files[st] = state_payload(spec, flats[st], st)
     return files
 

@@ -78,6 +78,9 @@ class Wave:
     params: List[int]
     sends: Dict[Tuple[int, int], List[Tuple[int, int]]] = field(default_factory=dict)
     states: int = STATE_COUNT  # tensor states each fragment carries (1 for an fp32-only export)
+    # one state of one parameter too large for the budget with all its states: that parameter moves
+    # in one wave per state, each state's file written as its wave completes
+    only: Optional[str] = None
 
     def count(self, index: CheckpointIndex, src: int, dst: int) -> int:
         """fp32 elements ``src`` sends to ``dst`` (all tensor states the plan moves)."""
@@ -95,6 +98,15 @@ class ConvertPlan:
     waves: List[Wave]
     budget_bytes: int
     states: Tuple[str, ...] = TENSOR_STATES  # what the exchange moves: all three, or fp32 only (an export)
+
+    def moved(self, wave: Wave) -> Tuple[str, ...]:
+        """The tensor states ``wave`` moves (and its owners write)."""
+        return (wave.only,) if wave.only else self.states
+
+    def completes(self, wave: Wave) -> bool:
+        """Whether ``wave`` writes the last files of its parameters (a wave of a split parameter's first
+        states does not)."""
+        return wave.only is None or wave.only == self.states[-1]
 
     def without(self, done: Set[int]) -> "ConvertPlan":
         """The plan less the parameters in ``done`` (written by an earlier run that died): their
@@ -136,22 +148,30 @@ def param_need(index: CheckpointIndex, i: int, readers: Sequence[int], owner: in
 
 
 def make_waves(index: CheckpointIndex, readers: Sequence[int], owners: Sequence[int], world: int,
-               budget_bytes: int, states: int = STATE_COUNT) -> List[Wave]:
+               budget_bytes: int, states: Sequence[str] = TENSOR_STATES) -> List[Wave]:
     """Group parameters (in checkpoint order) so each rank's wave memory (:func:`param_need`) stays
-    within the budget. A parameter larger than the budget forms a wave of its own: it cannot be
-    split further without changing the Universal file format."""
+    within the budget. A parameter that exceeds it with all its states moves in one wave per state
+    (each state is a file of its own); one whose single state still exceeds it gets those waves
+    anyway: a state cannot be split further without changing the Universal file format."""
     waves: List[Wave] = []
     cur, use = None, [0] * world
     for i, p in enumerate(index.params):
-        need = param_need(index, i, readers, owners[i], states)
+        need = param_need(index, i, readers, owners[i], len(states))
+        sends: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
+        for j, f in enumerate(p.fragments):
+            sends.setdefault((readers[f.source], owners[i]), []).append((i, j))
+        if len(states) > 1 and max(need.values()) > budget_bytes:
+            waves += [Wave([i], {k: list(v) for k, v in sends.items()}, 1, st) for st in states]
+            cur = None
+            continue
         if cur is None or any(use[r] + n > budget_bytes for r, n in need.items()):
-            cur, use = Wave([], states=states), [0] * world
+            cur, use = Wave([], states=len(states)), [0] * world
             waves.append(cur)
         cur.params.append(i)
         for r, n in need.items():
             use[r] += n
-        for j, f in enumerate(p.fragments):
-            cur.sends.setdefault((readers[f.source], owners[i]), []).append((i, j))
+        for key, items in sends.items():
+            cur.sends.setdefault(key, []).extend(items)
     return waves
 
 
@@ -174,7 +194,7 @@ def make_plan(index: CheckpointIndex, world: int, budget_bytes: int,
         fallback_writers=[readers[fb.source] for fb in index.fallbacks],
         optimizer_state_writer=readers[index.optimizer_state_source],
         copy_writers={s: readers[s] for s in index.copy_sources},
-        waves=make_waves(index, readers, owners, world, budget_bytes, len(states)),
+        waves=make_waves(index, readers, owners, world, budget_bytes, tuple(states)),
         budget_bytes=budget_bytes,
         states=tuple(states),
     )

@@ -231,9 +231,11 @@ def _write(o: Opened, out: OutputSink):
         aliases_of.setdefault(canonical, []).append(alias)
 
     def write(spec, flats):
-        out.write_param(spec.name, payloads.param_files(spec, flats))
-        for alias in aliases_of.get(spec.name, ()):
-            out.write_param(alias, {C.FP32_WEIGHT_KEY: payloads.alias_payload(spec, flats[C.FP32_WEIGHT_KEY])})
+        # a parameter split by state (plan.make_waves) arrives in parts; the last one completes it
+        out.write_param(spec.name, payloads.param_files(spec, flats), complete=o.plan.states[-1] in flats)
+        if C.FP32_WEIGHT_KEY in flats:
+            for alias in aliases_of.get(spec.name, ()):
+                out.write_param(alias, {C.FP32_WEIGHT_KEY: payloads.alias_payload(spec, flats[C.FP32_WEIGHT_KEY])})
 
     each_assembled(o, write, out.flush)
     with r.phase("other_files"):
@@ -274,7 +276,9 @@ def each_assembled(o: Opened, handle, after_wave=None):
             del recv
             if after_wave is not None:
                 after_wave()
-        r.progress.update(len(wave.params), sum(param_bytes(index.params[p].numel) for p in wave.params))
+        share = len(plan.moved(wave)) / len(plan.states)
+        r.progress.update(len(wave.params) if plan.completes(wave) else 0,
+                          int(share * sum(param_bytes(index.params[p].numel) for p in wave.params)))
 
 
 def _other_files(r: _Run, index: CheckpointIndex, plan: ConvertPlan, shards, out: OutputSink):

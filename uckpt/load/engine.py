@@ -65,50 +65,59 @@ def _target(param, name: str, local_shape, tp=(0, 1), ep=(0, 1)) -> Target:
                   getattr(param, C.DS_AUTOEP_UC_META, None), name)
 
 
-def _fragment(files: StateFiles, name: str, state: str, target: Target, start: int, numel: int) -> torch.Tensor:
+def _fragment(files: StateFiles, name: str, state: str, target: Target, start: int, numel: int,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     tensor, info = files.open(name, state)
-    return read_flat(tensor, shard_map(tensor.shape, info, target, state), start, numel)
+    return read_flat(tensor, shard_map(tensor.shape, info, target, state), start, numel, out)
 
 
 def _load_zero12(optimizer, files: StateFiles, steps_fallback, with_optimizer: bool, missing: Set[str]):
     """Each trainable parameter's ZeRO-1/2 fragment of ``fp32`` (and, ``with_optimizer``, of its moments
-    and step). A parameter in ``missing`` (``load_module_strict=False``) keeps its current values."""
+    and step), read straight into the optimizer's flat fp32 partition and into flat moment buffers
+    allocated once per group (DeepSpeed's ``map_to_flat_opt_states`` builds the same buffers from
+    per-fragment copies: on a 218 M-parameter checkpoint that copy held 70% of a load's time and
+    twice the moments' memory). A parameter in ``missing`` (``load_module_strict=False``) keeps its
+    current values."""
     from deepspeed.runtime.base_optimizer import _get_universal_checkpoint_ep_info
-    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
     tp = _tp_info(optimizer)
     ep = _get_universal_checkpoint_ep_info()
     lp_groups = _lp_groups(optimizer)
     for i, group in enumerate(optimizer.optimizer.param_groups):
-        keys, steps = set(), []
+        steps = []
         hp = group["params"][0]
+        flat: Dict[str, torch.Tensor] = {}  # moment -> this group's flat buffer, filled fragment by fragment
+        covered = []  # (start, numel) of the fragments in those buffers; the rest (padding) is zeroed
+        current = optimizer.optimizer.state.get(hp, {})
         for lp in lp_groups[i]:
             mapping = lp._hp_mapping
             if mapping is None:
                 continue
             name = optimizer.param_names[lp]
             address = mapping.lp_fragment_address
+            hp_address = mapping.get_hp_fragment_address()
+            if with_optimizer:
+                mapping.optim_fragment = {}
             if name in missing:
                 if with_optimizer:
-                    mapping.optim_fragment = _current_moments(optimizer.optimizer.state.get(hp, {}), mapping)
-                    keys.update(mapping.optim_fragment)
+                    mapping.optim_fragment = _current_moments(current, mapping)
+                    for key, value in mapping.optim_fragment.items():
+                        _moment_slot(flat, key, hp, hp_address, mapping).copy_(value)
+                    covered.append((hp_address.start, hp_address.numel))
                 continue
             pfolder = _param_folder(files.folder, name)
             target = _target(lp, name, lp.shape, tp, ep)
             states = _state_keys(pfolder) if with_optimizer else (C.FP32_WEIGHT_KEY,)
-            if with_optimizer:
-                mapping.optim_fragment = {}
             for state in states:
-                frag = _fragment(files, name, state, target, address.start, address.numel)
-                if state == C.FP32_WEIGHT_KEY:
-                    mapping.get_hp_fragment().data.copy_(frag)
-                else:
-                    mapping.optim_fragment[state] = frag
+                slot = mapping.get_hp_fragment().data if state == C.FP32_WEIGHT_KEY else \
+                    _moment_slot(flat, state, hp, hp_address, mapping)
+                _fragment(files, name, state, target, address.start, address.numel, out=slot)
+            covered.append((hp_address.start, hp_address.numel))
             if with_optimizer:
-                keys.update(mapping.get_optim_state_keys())
                 steps.append(_read_step(pfolder))
         if not with_optimizer:
             continue
+        _zero_gaps(flat.values(), covered, hp.numel())
         if steps and any(s is None for s in steps) and steps_fallback is not None:
             # a ZeRO-3-made checkpoint has no step.pt: DeepSpeed would resume with no step at all
             steps = [_as_step(steps_fallback, optimizer.optimizer.state[hp])]
@@ -117,7 +126,32 @@ def _load_zero12(optimizer, files: StateFiles, steps_fallback, with_optimizer: b
                                   path=files.folder)
         if steps and steps[0] is not None:
             optimizer.optimizer.state[hp][C.STEP_KEY] = steps[0]
-        map_to_flat_opt_states(hp, lp_groups[i], optimizer.optimizer.state, keys)
+        for key, buffer in flat.items():
+            optimizer.optimizer.state[hp][key] = buffer
+
+
+def _moment_slot(flat: Dict[str, torch.Tensor], key: str, hp: torch.Tensor, hp_address, mapping) -> torch.Tensor:
+    """The part of ``key``'s flat buffer (made on first use, uninitialised) that holds this fragment,
+    also recorded as the fragment's optimizer state (what ``map_to_flat_opt_states`` leaves there)."""
+    if key not in flat:
+        flat[key] = torch.empty_like(hp)
+    slot = flat[key].narrow(0, hp_address.start, hp_address.numel)
+    mapping.optim_fragment[key] = slot
+    return slot
+
+
+def _zero_gaps(buffers, covered, numel: int):
+    """Zero what no fragment filled (the group's alignment padding), as a zero-initialised buffer has."""
+    at, gaps = 0, []
+    for start, n in sorted(covered):
+        if start > at:
+            gaps.append((at, start - at))
+        at = max(at, start + n)
+    if at < numel:
+        gaps.append((at, numel - at))
+    for buffer in buffers:
+        for start, n in gaps:
+            buffer.narrow(0, start, n).zero_()
 
 
 def _current_moments(state: Dict[str, Any], mapping) -> Dict[str, torch.Tensor]:

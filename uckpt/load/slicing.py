@@ -231,9 +231,12 @@ def _autoep_placement(shape, info, target: Target, state: str) -> ShardMap:
     return smap
 
 
-def read_flat(tensor: FileTensor, smap: ShardMap, start: int, length: int) -> torch.Tensor:
+def read_flat(tensor: FileTensor, smap: ShardMap, start: int, length: int, out: Optional[torch.Tensor] = None) \
+        -> torch.Tensor:
     """Elements ``[start, start + length)`` of the flattened shard, reading only the rows of each
-    piece that overlap them."""
+    piece that overlap them; into ``out`` (``length`` elements, any device) where given. Where those
+    rows are exactly the range and ``out`` a contiguous CPU tensor, they are read straight into it:
+    no buffer, no copy (most ZeRO fragments: whole parameters, row-aligned)."""
     end = start + length
     parts = []
     for p in smap.pieces:
@@ -251,12 +254,28 @@ def read_flat(tensor: FileTensor, smap: ShardMap, start: int, length: int) -> to
     lo_all = min([start] + [d for _, _, _, d in parts])
     hi_all = max([end] + [d + 1 + sum((n - 1) * s for n, s in zip(shape, p.dst_strides))
                           for p, shape, _, d in parts])
-    buf = torch.zeros(hi_all - lo_all, dtype=tensor.torch_dtype)
+    direct = (out is not None and out.device.type == "cpu" and out.is_contiguous() and out.dtype == tensor.torch_dtype
+              and (lo_all, hi_all) == (start, end))
+    if direct:
+        buf = out.view(-1)
+        one = parts[0] if len(parts) == 1 else None  # one piece filling the range densely leaves no gap
+        exact = one is not None and one[3] == start and math.prod(one[1]) == length and \
+            torch.as_strided(buf, one[1], one[0].dst_strides, 0).is_contiguous()
+        if not exact:
+            buf.zero_()  # what no piece covers is zero
+    else:
+        buf = torch.zeros(hi_all - lo_all, dtype=tensor.torch_dtype)
     for p, shape, src, dst in parts:
-        data = tensor.read_strided(src, shape, p.src_strides)
-        target = torch.as_strided(buf, shape, p.dst_strides, dst - lo_all)
-        target.copy_(data)
+        # as_strided's offset counts from the start of the storage, and ``out`` may be a view into it
+        target = torch.as_strided(buf, shape, p.dst_strides, buf.storage_offset() + dst - lo_all)
+        if target.is_contiguous():
+            tensor.read_strided(src, shape, p.src_strides, out=target)
+        else:
+            target.copy_(tensor.read_strided(src, shape, p.src_strides))
         factor = p.scale ** smap.scale_power
         if factor != 1.0:
             target.mul_(factor)
-    return buf[start - lo_all:end - lo_all]
+    if direct:
+        return out
+    got = buf[start - lo_all:end - lo_all]
+    return out.copy_(got.view(out.shape)) if out is not None else got

@@ -129,16 +129,23 @@ class FileTensor:
         self.read_into(memoryview(buf))
         return F.TensorData(self.dtype, tuple(self.shape), buf, requires_grad=self.requires_grad)
 
-    def read_strided(self, offset: int, shape: Sequence[int], strides: Sequence[int]):
+    def read_strided(self, offset: int, shape: Sequence[int], strides: Sequence[int], out=None):
         """Elements ``as_strided(flat, shape, strides, offset)`` of this tensor viewed as a flat
-        row-major buffer, read with one ``pread`` per contiguous run (a torch tensor)."""
+        row-major buffer, read with one ``pread`` per contiguous run (a torch tensor); into ``out``
+        (a contiguous CPU tensor of this dtype and that shape) where given, with no copy."""
         import torch
         shape, strides = tuple(int(d) for d in shape), tuple(int(s) for s in strides)
         if self._loaded is not None or not self.contiguous:
             flat = self.load().reshape(-1)
-            return torch.as_strided(flat, shape, strides, offset).clone()
+            got = torch.as_strided(flat, shape, strides, offset)
+            return out.copy_(got.reshape(out.shape)) if out is not None else got.clone()
         numel = shape_numel(shape)
-        out = torch.empty(numel, dtype=self.torch_dtype)
+        if out is not None:
+            if not out.is_contiguous() or out.numel() != numel or out.dtype != self.torch_dtype:
+                raise ValueError("read_strided: out must be a contiguous tensor of the tensor's dtype and shape")
+            result, out = out, out.view(-1)
+        else:
+            result, out = None, torch.empty(numel, dtype=self.torch_dtype)
         if numel == 0:
             return out.view(shape)
         # one run per leading index of the trailing dimensions the file packs densely (the output is contiguous)
@@ -161,7 +168,7 @@ class FileTensor:
                 i = j
         finally:
             os.close(fd)
-        return out.view(shape)
+        return result if result is not None else out.view(shape)
 
     def load(self):
         """The whole tensor as a torch tensor (reads all of its bytes)."""
