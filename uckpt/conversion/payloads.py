@@ -113,16 +113,18 @@ def fallback_payload(module_tensor) -> Dict[str, Any]:
 
 
 def to_fp32(t: TensorData) -> TensorData:
-    """``tensor.float()`` of a contiguous tensor: bf16 widens by placing its two bytes above two zero
-    bytes (no numpy needed, the common case), the rest as numpy's C casts do."""
+    """``tensor.float()`` of a contiguous tensor: bf16 widens by shifting its bits into the high half,
+    the rest as numpy's C casts do."""
     if t.dtype == "float32":
         return t
+    import numpy as np  # about 0.1 s to import; widens bf16 ~20x faster than byte-slice assignment
     if t.dtype == "bfloat16":
         raw = memoryview(t.data).cast("B")
         out = directio.buffer(2 * len(raw))  # aligned when large: written directly
-        out[2::4], out[3::4] = raw[0::2], raw[1::2]  # little-endian: fp32 = bf16 bits << 16
+        # little-endian: fp32 = bf16 bits << 16
+        np.left_shift(np.frombuffer(raw, dtype=np.uint16), 16, out=np.frombuffer(out, dtype=np.uint32),
+                      dtype=np.uint32, casting="unsafe")
         return TensorData("float32", tuple(t.shape), out)
-    import numpy as np
     values = np.frombuffer(t.data, dtype=np.dtype(t.dtype)).astype(np.float32)
     return TensorData("float32", tuple(t.shape), bytearray(values.tobytes()))
 
