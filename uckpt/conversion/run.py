@@ -273,6 +273,7 @@ def each_assembled(o: Opened, handle, after_wave=None):
         with r.phase("merge_write"):
             for p, flats in exchange.assemble(wave, index, plan, recv, source, rank):
                 handle(index.params[p], flats)
+                flats = None  # else the loop variable keeps the wave's last parameter alive into the next wave
             del recv
             if after_wave is not None:
                 after_wave()
