@@ -108,15 +108,20 @@ def drop_caches(folders) -> str:
             f.write("3\n")
         return "drop_caches"
     except OSError:
-        for folder in folders:
-            for r, _, names in os.walk(folder):
-                for n in names:
-                    fd = os.open(os.path.join(r, n), os.O_RDONLY)
-                    try:
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                    finally:
-                        os.close(fd)
+        evict(folders)
         return "fadvise"
+
+
+def evict(folders):
+    """Drop the clean cached pages of every file under ``folders`` (posix_fadvise DONTNEED)."""
+    for folder in folders:
+        for r, _, names in os.walk(folder):
+            for n in names:
+                fd = os.open(os.path.join(r, n), os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
 
 
 def settle(previous: Optional[str], cold_input: Optional[str] = None) -> Optional[str]:
@@ -137,14 +142,7 @@ def settle(previous: Optional[str], cold_input: Optional[str] = None) -> Optiona
         how = drop_caches([cold_input] + ([previous] if previous else []))
     else:
         subprocess.run(["sync"], check=False)
-        if previous:
-            for r, _, names in os.walk(previous):
-                for n in names:
-                    fd = os.open(os.path.join(r, n), os.O_RDONLY)
-                    try:
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                    finally:
-                        os.close(fd)
+        evict([previous] if previous else [])
     time.sleep(2)
     return how
 
@@ -280,8 +278,10 @@ def main():
         if case in LARGE:  # its outputs would not fit on the disk next to the next case's; a few hundred
             shutil.rmtree(os.path.join(work, case))  # files, which do not slow later file creation (see settle())
             subprocess.run(["sync"], check=False)
-    if os.path.exists(work):
+    if os.path.exists(work) and any(c not in LARGE for c in args.cases):
         remove_outputs(work, args.root)  # nothing is deleted before every run of a case is done, see settle()
+    elif os.path.exists(work):
+        shutil.rmtree(work)  # the large cases' few hundred files do not slow later file creation
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)

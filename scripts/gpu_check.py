@@ -11,8 +11,13 @@
 4. Resume on the GPU at ZeRO-1 with DeepSpeed's ``load_universal`` and with
    ``uckpt.load_into_engine``, and at ZeRO-3 with uckpt's (DeepSpeed 0.19.8 refuses a ZeRO-2-made
    Universal checkpoint there): same fp32 parameters, Adam moments and step; same next losses at ZeRO-1.
+5. Timed, at scale (``--no-scale`` skips it): the 2.7 GB ZeRO-2 checkpoint of scripts/bench_convert.py
+   (zero2-3gb, trained on this machine's CPUs at DP=4), converted cold by ``ds_to_universal.py``, by
+   uckpt in one process and by ``torchrun`` with 4 ranks, then loaded into a DP=1 engine on the GPU
+   by DeepSpeed's ``load_universal`` and by ``uckpt.load_into_engine`` (same state required), for the
+   README next to the 2-core CPU figures.
 
-    python scripts/gpu_check.py [--work /tmp/uckpt-gpu] [--ranks N]
+    python scripts/gpu_check.py [--work /tmp/uckpt-gpu] [--ranks N] [--no-scale]
 
 Prints one line per check and ``GPU CHECK: PASS`` at the end (exit 0), else the failures (exit 1).
 """
@@ -79,6 +84,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/uckpt-gpu")
     ap.add_argument("--ranks", type=int, default=0, help="converter ranks for the NCCL run (default: GPU count)")
+    ap.add_argument("--no-scale", dest="scale", action="store_false", help="skip the timed multi-GB conversion and load")
+    ap.add_argument("--scale-only", action="store_true", help="run step 5 alone (with or without a GPU)")
+    ap.add_argument("--scale-cache", help="where the 2.7 GB checkpoint is built and cached (default: under --work)")
     ap.add_argument("--convert-worker", nargs=3, metavar=("TAG", "OUT", "REPORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.convert_worker:
@@ -88,6 +96,12 @@ def main():
 
     from uckpt.tools.compare import compare_universal
 
+    if args.scale_only:
+        failures = []
+        os.makedirs(args.work, exist_ok=True)
+        scale(lambda *p: os.path.join(args.work, *p), failures, args.scale_cache)
+        print("SCALE CHECK: " + ("PASS" if not failures else "FAIL " + ", ".join(failures)), flush=True)
+        return 0 if not failures else 1
     if not torch.cuda.is_available():
         print("GPU CHECK: no CUDA device here", flush=True)
         return 1
@@ -168,8 +182,52 @@ def main():
         if problems:
             failures.append(f"resume ZeRO-{stage}")
 
+    if args.scale:
+        scale(w, failures, args.scale_cache)
     print("GPU CHECK: " + ("PASS" if not failures else "FAIL " + ", ".join(failures)), flush=True)
     return 0 if not failures else 1
+
+
+def scale(w, failures, cache=None):
+    """Step 5: cold conversions of the 2.7 GB checkpoint on this machine's cores and disk, and its load
+    into a GPU engine by both loaders (each run's wall time; the load call's own time from the trainer)."""
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from bench_convert import CASES, build, drop_caches
+    from uckpt.tools.compare import compare_universal
+
+    tag = build("zero2-3gb", cache or w("scale"))  # DeepSpeed on the CPUs (DS_ACCELERATOR=cpu, gloo), DP=4
+    uckpt = [sys.executable, "-m", "uckpt", "convert", "--input_folder", tag, "--inject_missing_state", "--quiet"]
+    runs = {"deepspeed": [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag,
+                          "--inject_missing_state"],
+            "uckpt-1": uckpt, "uckpt-4": _torchrun(4, *uckpt[1:])}
+    for name, cmd in runs.items():
+        out = w("scale", name, "universal")
+        how = drop_caches([tag])
+        _, secs = _run(cmd + ["--output_folder", out])
+        print(f"scale: {name} converted {tag} ({how}): {secs:.1f}s", flush=True)
+    for name in ("uckpt-1", "uckpt-4"):
+        diffs = compare_universal(w("scale", name, "universal"), w("scale", "deepspeed", "universal"),
+                                  skip=lambda rel: rel == TIED_ALIAS)
+        if diffs:
+            failures.append(f"scale {name}: {diffs[:3]}")
+    states = {}
+    for loader in ("deepspeed", "uckpt"):
+        drop_caches([w("scale", "uckpt-4")])
+        dump, rep = w("scale", f"{loader}.pt"), w("scale", f"{loader}.json")
+        _, secs = _run(_torchrun(1, "-m", "examples.tiny_train", "--zero-stage", "2", "--dtype", "bf16",
+                                 *CASES["zero2-3gb"], "--steps", "1", "--load-dir", w("scale", "uckpt-4"),
+                                 "--loader", loader, "--dump-state", dump, "--report", rep))
+        info = json.load(open(rep + ".load0.json"))
+        states[loader] = torch.load(dump, weights_only=False)
+        where = "GPU" if torch.cuda.is_available() else "CPU"
+        print(f"scale: {loader} loaded it into a DP=1 {where} engine: load call {info['load_s']:.2f}s, read "
+              f"{info['rchar'] / 1e9:.2f} GB for {info['kept_bytes'] / 1e9:.2f} GB kept, added peak host memory "
+              f"{info['peak_added_mib']:.0f} MiB (job {secs:.1f}s)", flush=True)
+    problems = _same_state(states["uckpt"], states["deepspeed"])
+    if problems:
+        failures.append(f"scale load: {problems[:3]}")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,26 @@ def test_waves_respect_the_budget():
         assert max(use) <= budget or len(w.params) == 1
 
 
+def test_large_parameters_of_different_owners_share_their_state_waves():
+    """Parameters over the budget move a state per wave, and share those waves where each rank's part
+    of one state still fits: owners work side by side instead of one large parameter at a time."""
+    from uckpt.conversion.plan import param_need
+
+    index = make_index(params=[(100000,)] * 4)
+    budget = 1_000_000  # one state of one parameter fits (600 KB on its owner), all three do not
+    plan = make_plan(index, 2, budget_bytes=budget)
+    assert all(w.only for w in plan.waves)
+    assert any(len({plan.owners[p] for p in w.params}) == 2 for w in plan.waves)
+    for w in plan.waves:
+        use = [0, 0]
+        for p in w.params:
+            for r, n in param_need(index, p, plan.readers, plan.owners[p], 1).items():
+                use[r] += n
+        assert max(use) <= budget
+    assert len(plan.waves) < 3 * 4
+    assert sorted(p for w in plan.waves if w.only == plan.states[0] for p in w.params) == [0, 1, 2, 3]
+
+
 def test_parameter_larger_than_budget_moves_one_state_per_wave():
     index = make_index(params=[(10,), (100000,), (10,)])
     plan = make_plan(index, 2, budget_bytes=param_bytes(1000))

@@ -150,19 +150,33 @@ def param_need(index: CheckpointIndex, i: int, readers: Sequence[int], owner: in
 def make_waves(index: CheckpointIndex, readers: Sequence[int], owners: Sequence[int], world: int,
                budget_bytes: int, states: Sequence[str] = TENSOR_STATES) -> List[Wave]:
     """Group parameters (in checkpoint order) so each rank's wave memory (:func:`param_need`) stays
-    within the budget. A parameter that exceeds it with all its states moves in one wave per state
-    (each state is a file of its own); one whose single state still exceeds it gets those waves
-    anyway: a state cannot be split further without changing the Universal file format."""
+    within the budget. A parameter that exceeds it with all its states moves one state per wave
+    (each state is a file of its own); such parameters share those waves where their ranks do, so
+    large parameters of different owners still convert side by side. A rank takes one state that
+    alone exceeds the budget only into a wave where it holds nothing else: a state cannot be split
+    further without changing the Universal file format."""
     waves: List[Wave] = []
-    cur, use = None, [0] * world
+    cur, use = None, [0] * world  # the wave of whole parameters being filled
+    split, split_use = [], [0] * world  # parameters moved a state per wave, being grouped
+
+    def close_split():
+        if split:
+            sends: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
+            for i in split:
+                for j, f in enumerate(index.params[i].fragments):
+                    sends.setdefault((readers[f.source], owners[i]), []).append((i, j))
+            waves.extend(Wave(list(split), {k: list(v) for k, v in sends.items()}, 1, st) for st in states)
+
     for i, p in enumerate(index.params):
         need = param_need(index, i, readers, owners[i], len(states))
-        sends: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
-        for j, f in enumerate(p.fragments):
-            sends.setdefault((readers[f.source], owners[i]), []).append((i, j))
         if len(states) > 1 and max(need.values()) > budget_bytes:
-            waves += [Wave([i], {k: list(v) for k, v in sends.items()}, 1, st) for st in states]
-            cur = None
+            one = param_need(index, i, readers, owners[i], 1)
+            if any(split_use[r] and split_use[r] + n > budget_bytes for r, n in one.items()):
+                close_split()
+                split, split_use = [], [0] * world
+            split.append(i)
+            for r, n in one.items():
+                split_use[r] += n
             continue
         if cur is None or any(use[r] + n > budget_bytes for r, n in need.items()):
             cur, use = Wave([], states=len(states)), [0] * world
@@ -170,8 +184,9 @@ def make_waves(index: CheckpointIndex, readers: Sequence[int], owners: Sequence[
         cur.params.append(i)
         for r, n in need.items():
             use[r] += n
-        for key, items in sends.items():
-            cur.sends.setdefault(key, []).extend(items)
+        for j, f in enumerate(p.fragments):
+            cur.sends.setdefault((readers[f.source], owners[i]), []).append((i, j))
+    close_split()
     return waves
 
 

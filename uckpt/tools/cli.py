@@ -67,67 +67,64 @@ def _inspect_or_verify(command: str, args) -> int:
     return 0 if report["ok"] else 1
 
 
-def _simulate(args) -> int:
-    from .simulate import simulate
-
+def _exit_code(command) -> int:
+    """Run ``command()``: its exit code (0 for None), or 2 with the one-line error of a UckptError."""
     try:
-        known = set(options.valid_keys(options.SimulateConfig))
-        other = sorted(k for k in args if k not in known | {"config", "overrides", "print_config"})
-        if other:
-            raise UckptError(f"--simulate plans a synthetic layout; it takes no {', '.join(other)}",
-                             fix="leave out the options of a real conversion")
-        cfg = options.build(args.pop("config", None), args.pop("overrides", []),
-                            options.nest({k: v for k, v in args.items() if k in known}),
-                            schema=options.SimulateConfig)
-        simulate(cfg)
+        code = command()
     except UckptError as exc:
         print(f"uckpt: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    return 0
+    return code or 0
+
+
+def _simulate(args):
+    from .simulate import simulate
+
+    known = set(options.valid_keys(options.SimulateConfig))
+    other = sorted(k for k in args if k not in known | {"config", "overrides", "print_config"})
+    if other:
+        raise UckptError(f"--simulate plans a synthetic layout; it takes no {', '.join(other)}",
+                         fix="leave out the options of a real conversion")
+    simulate(options.build(args.pop("config", None), args.pop("overrides", []),
+                           options.nest({k: v for k, v in args.items() if k in known}), schema=options.SimulateConfig))
+
+
+def _export(args):
+    from ..api import export_with_config
+
+    export_with_config(options.build(args.pop("config", None), args.pop("overrides", []), options.nest(args),
+                                     schema=options.ExportConfig))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..api import run_with_config
-
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
     if command in ("inspect", "verify"):
-        try:
-            return _inspect_or_verify(command, args)
-        except UckptError as exc:
-            print(f"uckpt: error: {exc}", file=sys.stderr, flush=True)
-            return 2
+        return _exit_code(lambda: _inspect_or_verify(command, args))
     if command == "export":
-        from ..api import export_with_config
-
-        try:
-            cfg = options.build(args.pop("config", None), args.pop("overrides", []), options.nest(args),
-                                schema=options.ExportConfig)
-            export_with_config(cfg)
-        except UckptError as exc:
-            print(f"uckpt: error: {exc}", file=sys.stderr, flush=True)
-            return 2
-        return 0
+        return _exit_code(lambda: _export(args))
     if command == "plan" and "simulate" in args:
-        return _simulate(args)
+        return _exit_code(lambda: _simulate(args))
+    return _exit_code(lambda: _convert(command, args))
+
+
+def _convert(command: str, args):
+    """``convert``, or ``plan`` (a dry run that prints the plan)."""
+    from ..api import run_with_config
+
     yaml_path = args.pop("config", None)
     print_config = args.pop("print_config", False)
     overrides = args.pop("overrides", [])
     values = options.nest(args)  # argparse's dest is each option's dotted key
     if command == "plan":
         values["dry_run"] = True
-    try:
-        cfg = options.build(yaml_path, overrides, values)
-        if print_config:
-            print(options.to_yaml(cfg), end="")
-        report = run_with_config(cfg)
-    except UckptError as exc:
-        print(f"uckpt: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    cfg = options.build(yaml_path, overrides, values)
+    if print_config:
+        print(options.to_yaml(cfg), end="")
+    report = run_with_config(cfg)
     if report is not None and cfg.log.json and report.get("dry_run"):
         with open(cfg.log.json, "w") as f:
             json.dump(report, f, indent=2, default=str)
-    return 0
 
 
 if __name__ == "__main__":
