@@ -2,7 +2,7 @@
 """The scaling model at training-cluster sizes: ``uckpt plan --simulate`` for Llama-style 8B, 70B
 and 405B checkpoints at N = 1 ... 1,024 converter ranks, drawn as one PNG (docs/scaling.png).
 
-Left: the busiest rank's bytes (read plus written) and the mean rank's, against N; right: the
+Left: the busiest rank's bytes (read, received and written) and the mean rank's, against N; right: the
 predicted time under the given per-rank bandwidths. The model behind both is checked rank by rank
 against real conversions by tests/integration/test_simulate.py; this script only plots it.
 
@@ -16,7 +16,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from uckpt import options  # noqa: E402
-from uckpt.tools.simulate import simulate  # noqa: E402
+from uckpt.tools.simulate import handled, simulate  # noqa: E402
 
 # the saving job of each: sizes such checkpoints are trained at
 LAYOUTS = {
@@ -60,8 +60,8 @@ def plot(results, args):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     for (name, sim), color in zip(results.items(), ("tab:blue", "tab:orange", "tab:green")):
         ns = [p["ranks"] for p in sim["points"]]
-        busiest = [max(r["read_bytes"] + r["written_bytes"] for r in p["per_rank"]) / 1e9 for p in sim["points"]]
-        mean = [(p["read_bytes"]["mean"] + p["written_bytes"]["mean"]) / 1e9 for p in sim["points"]]
+        busiest = [max(handled(r) for r in p["per_rank"]) / 1e9 for p in sim["points"]]
+        mean = [sum(handled(r) for r in p["per_rank"]) / len(p["per_rank"]) / 1e9 for p in sim["points"]]
         label = f"{name} (dp={sim['dp']} tp={sim['tp']} pp={sim['pp']}, ZeRO-{sim['zero_stage']})"
         left.plot(ns, busiest, "o-", color=color, label=label + ": busiest rank")
         left.plot(ns, mean, "--", color=color, alpha=0.6, label=name + ": mean rank (1/N)")
@@ -73,7 +73,7 @@ def plot(results, args):
         ax.set_yscale("log")
         ax.set_xlabel("converter ranks N")
         ax.grid(True, which="both", alpha=0.3)
-    left.set_ylabel("GB read + written per rank")
+    left.set_ylabel("GB read + received + written per rank")
     left.set_title("bytes per rank (dotted: where scaling stops)")
     right.set_ylabel("predicted seconds")
     right.set_title(f"predicted time: {args.read_gbps:g} GB/s read, {args.write_gbps:g} GB/s write, "

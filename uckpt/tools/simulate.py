@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any, Dict, List
 
-from ..conversion.costs import Bandwidth, as_dicts, predicted_seconds, rank_costs
+from ..conversion.costs import Bandwidth, as_dicts, predicted_seconds, rank_costs, written_numel
 from ..conversion.plan import make_plan
 from ..dsformat import synthetic
 from ..dsformat.index import build_index
@@ -35,12 +35,17 @@ def _summary(rows, key: str) -> Dict[str, float]:
     return {"max": max(values), "mean": mean, "imbalance": max(values) / mean if mean else 1.0}
 
 
+def handled(row: Dict[str, int]) -> int:
+    """Bytes one rank moves: read from its files, received from other ranks, written."""
+    return row["read_bytes"] + row["received_bytes"] + row["written_bytes"]
+
+
 def scaling_limit(points: List[Dict[str, Any]], index, plan_items: Dict[str, int]) -> Dict[str, Any]:
-    """The first converter size after which doubling cuts the busiest rank's bytes (read plus written)
-    by less than 10%, and the indivisible piece of work that bounds that rank: a model file one rank
-    copies, an optimizer file one rank reads, or a parameter whose states one rank writes."""
+    """The first converter size after which doubling cuts the busiest rank's bytes (read, received and
+    written) by less than 10%, and the indivisible piece of work that bounds that rank: a model file
+    one rank copies, an optimizer file one rank reads, or a parameter one rank assembles and writes."""
     limit = None
-    busiest = lambda p: max(r["read_bytes"] + r["written_bytes"] for r in p["per_rank"])  # noqa: E731
+    busiest = lambda p: max(handled(r) for r in p["per_rank"])  # noqa: E731
     for a, b in zip(points, points[1:]):
         if b["ranks"] >= 2 * a["ranks"] and busiest(b) > 0.9 * busiest(a):
             limit = a
@@ -59,11 +64,11 @@ def simulate(cfg: SimulateConfig) -> Dict[str, Any]:
     budget = int(cfg.memory.budget_mb) << 20
     largest_file = max(s.nbytes for s in files.sources)
     largest_param = max(p.numel for p in index.params) * 4 * 3
-    # the indivisible pieces of work (read + written bytes of each), one of which bounds the busiest rank
+    # the indivisible pieces of work (bytes in and out of one rank), one of which bounds the busiest rank
     copies = [files.sources[i].nbytes for i in index.copy_sources]
     items = {"a model-file copy": 2 * max(copies),
              "an optimizer file read": max(s.nbytes for s in files.optim_sources()),
-             "a parameter's states written": largest_param}
+             "one parameter's assembly and write": max(12 * (p.numel + written_numel(p)) for p in index.params)}
     out: Dict[str, Any] = {
         "layout": cfg.simulate, "dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "zero_stage": cfg.zero_stage,
         "dtype": cfg.dtype, "files": len(files.sources), "input_bytes": files.total_bytes,
@@ -97,9 +102,9 @@ def simulate(cfg: SimulateConfig) -> Dict[str, Any]:
     if not quiet:
         if limit["ranks"]:
             print(f"scaling stops near {limit['ranks']} ranks: the busiest rank moves "
-                  f"{limit['busiest_rank_bytes'] / GB:.2f} GB, bounded by {limit['bound']} "
-                  f"({limit['bound_bytes'] / GB:.2f} GB read and written by one rank: files have one reader, "
-                  "parameters one owner); past that, added ranks get no bytes to move")
+                  f"{limit['busiest_rank_bytes'] / GB:.2f} GB (read, received, written), bounded by {limit['bound']} "
+                  f"({limit['bound_bytes'] / GB:.2f} GB through one rank: files have one reader, parameters one "
+                  "owner); past that, added ranks get no bytes to move")
         else:
             print(f"the busiest rank's bytes still fall at {out['points'][-1]['ranks']} ranks")
     if cfg.log.json:
