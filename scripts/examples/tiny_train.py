@@ -149,8 +149,9 @@ class PeakRSS:
             self.exact = False
         self.peak = self.base
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._thread = None if self.exact else threading.Thread(target=self._sample, daemon=True)
+        if self._thread is not None:
+            self._thread.start()
 
     def _sample(self):
         while not self._done.wait(0.005):
@@ -158,7 +159,8 @@ class PeakRSS:
 
     def stop(self) -> int:
         self._done.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         return (_status("VmHWM") if self.exact else max(self.peak, _status("VmRSS"))) - self.base
 
 
