@@ -65,6 +65,36 @@ def _value_bytes(value) -> int:
     return len(memoryview(value.data).cast("B")) if isinstance(value, TensorData) else 0
 
 
+def _wave_flows(index: CheckpointIndex, plan: ConvertPlan, wave, aliases: Dict[str, int]):
+    """Bytes each rank reads, sends, receives and writes in ``wave``: (read, sent, received, written)."""
+    world = plan.world_size
+    read, sent, received, written = [0] * world, [0] * world, [0] * world, [0] * world
+    for src, dst in wave.sends:
+        n = BYTES_PER_ELEMENT * wave.count(index, src, dst)
+        read[src] += n
+        if src != dst:
+            sent[src] += n
+            received[dst] += n
+    moved = plan.moved(wave)
+    for p in wave.params:
+        spec, owner = index.params[p], plan.owners[p]
+        kept = [st for st in moved if st not in spec.skip_states]
+        written[owner] += len(kept) * BYTES_PER_ELEMENT * written_numel(spec)
+        if FP32 in moved:
+            written[owner] += aliases.get(spec.name, 0) * BYTES_PER_ELEMENT * spec.numel
+            if spec.has_step:
+                written[owner] += _value_bytes(spec.step)
+    return read, sent, received, written
+
+
+def _alias_counts(index: CheckpointIndex) -> Dict[str, int]:
+    """Tied aliases of each canonical parameter (its owner writes their fp32.pt too)."""
+    aliases: Dict[str, int] = {}
+    for canonical in index.aliases.values():
+        aliases[canonical] = aliases.get(canonical, 0) + 1
+    return aliases
+
+
 def rank_costs(index: CheckpointIndex, plan: ConvertPlan, verify_crc: bool = True) -> List[RankCost]:
     world = plan.world_size
     rows = [RankCost(r) for r in range(world)]
@@ -74,32 +104,20 @@ def rank_costs(index: CheckpointIndex, plan: ConvertPlan, verify_crc: bool = Tru
     for s, writer in plan.copy_writers.items():
         rows[writer].read_bytes += sources[s].nbytes
         rows[writer].written_bytes += sources[s].nbytes
-    aliases: Dict[str, int] = {}
-    for canonical in index.aliases.values():
-        aliases[canonical] = aliases.get(canonical, 0) + 1
+    aliases = _alias_counts(index)
     for wave in plan.waves:
+        read, sent, received, written = _wave_flows(index, plan, wave, aliases)
         use = [0] * world
-        moved = plan.moved(wave)
-        for (src, dst), items in wave.sends.items():
-            n = wave.states * BYTES_PER_ELEMENT * sum(index.params[p].fragments[f].numel for p, f in items)
-            rows[src].read_bytes += n
-            if src != dst:
-                rows[src].sent_bytes += n
-                rows[dst].received_bytes += n
         for p in wave.params:
-            spec, owner = index.params[p], plan.owners[p]
-            row = rows[owner]
-            row.params_owned += plan.completes(wave)
-            for r, n in param_need(index, p, plan.readers, owner, wave.states).items():
+            rows[plan.owners[p]].params_owned += plan.completes(wave)
+            for r, n in param_need(index, p, plan.readers, plan.owners[p], wave.states).items():
                 use[r] += n
-            kept = [st for st in moved if st not in spec.skip_states]
-            row.written_bytes += len(kept) * BYTES_PER_ELEMENT * written_numel(spec)
-            if FP32 in moved:
-                row.written_bytes += aliases.get(spec.name, 0) * BYTES_PER_ELEMENT * spec.numel
-                if spec.has_step:
-                    row.written_bytes += _value_bytes(spec.step)
-        for r in range(world):
-            rows[r].peak_buffer_bytes = max(rows[r].peak_buffer_bytes, use[r])
+        for r, row in enumerate(rows):
+            row.read_bytes += read[r]
+            row.sent_bytes += sent[r]
+            row.received_bytes += received[r]
+            row.written_bytes += written[r]
+            row.peak_buffer_bytes = max(row.peak_buffer_bytes, use[r])
     for i, fb in enumerate(index.fallbacks):
         row = rows[plan.fallback_writers[i]]
         row.read_bytes += fb.nbytes
@@ -136,17 +154,10 @@ def predicted_seconds(index: CheckpointIndex, plan: ConvertPlan, bw: Bandwidth,
     for s, writer in plan.copy_writers.items():
         copies[writer] += sources[s].nbytes
     total = max(c / bw.read + c / bw.write for c in copies)
+    aliases = _alias_counts(index)
     for wave in plan.waves:
-        read, out_, in_, written = [0] * world, [0] * world, [0] * world, [0] * world
-        for (src, dst), items in wave.sends.items():
-            n = wave.states * BYTES_PER_ELEMENT * sum(index.params[p].fragments[f].numel for p, f in items)
-            read[src] += n
-            if src != dst:
-                out_[src] += n
-                in_[dst] += n
-        for p in wave.params:
-            written[plan.owners[p]] += wave.states * BYTES_PER_ELEMENT * written_numel(index.params[p])
-        total += max(read[r] / bw.read + max(out_[r], in_[r]) / bw.network + written[r] / bw.write
+        read, sent, received, written = _wave_flows(index, plan, wave, aliases)
+        total += max(read[r] / bw.read + max(sent[r], received[r]) / bw.network + written[r] / bw.write
                      for r in range(world))
     tail = [0] * world
     for i, fb in enumerate(index.fallbacks):

@@ -78,8 +78,8 @@ class Wave:
     params: List[int]
     sends: Dict[Tuple[int, int], List[Tuple[int, int]]] = field(default_factory=dict)
     states: int = STATE_COUNT  # tensor states each fragment carries (1 for an fp32-only export)
-    # one state of one parameter too large for the budget with all its states: that parameter moves
-    # in one wave per state, each state's file written as its wave completes
+    # the one state this wave moves, of parameters too large for the budget with all their states:
+    # they move in one wave per state, each state's file written as its wave completes
     only: Optional[str] = None
 
     def count(self, index: CheckpointIndex, src: int, dst: int) -> int:
@@ -159,18 +159,21 @@ def make_waves(index: CheckpointIndex, readers: Sequence[int], owners: Sequence[
     cur, use = None, [0] * world  # the wave of whole parameters being filled
     split, split_use = [], [0] * world  # parameters moved a state per wave, being grouped
 
+    def add_sends(sends: Dict[Tuple[int, int], List[Tuple[int, int]]], i: int):
+        for j, f in enumerate(index.params[i].fragments):
+            sends.setdefault((readers[f.source], owners[i]), []).append((i, j))
+
     def close_split():
         if split:
             sends: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
             for i in split:
-                for j, f in enumerate(index.params[i].fragments):
-                    sends.setdefault((readers[f.source], owners[i]), []).append((i, j))
+                add_sends(sends, i)
             waves.extend(Wave(list(split), {k: list(v) for k, v in sends.items()}, 1, st) for st in states)
 
-    for i, p in enumerate(index.params):
+    for i in range(len(index.params)):
         need = param_need(index, i, readers, owners[i], len(states))
         if len(states) > 1 and max(need.values()) > budget_bytes:
-            one = param_need(index, i, readers, owners[i], 1)
+            one = {r: n // len(states) for r, n in need.items()}  # one state of it
             if any(split_use[r] and split_use[r] + n > budget_bytes for r, n in one.items()):
                 close_split()
                 split, split_use = [], [0] * world
@@ -184,8 +187,7 @@ def make_waves(index: CheckpointIndex, readers: Sequence[int], owners: Sequence[
         cur.params.append(i)
         for r, n in need.items():
             use[r] += n
-        for j, f in enumerate(p.fragments):
-            cur.sends.setdefault((readers[f.source], owners[i]), []).append((i, j))
+        add_sends(cur.sends, i)
     close_split()
     return waves
 

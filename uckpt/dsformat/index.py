@@ -337,7 +337,7 @@ def _build_zero12(files, metas, stage, inject, strict, ep_info=None) -> Checkpoi
                            global_steps=model0.global_steps, ds_version=model0.ds_version, notes=notes)
 
 
-def _partition_bytes(meta: OptimMeta) -> int:
+def partition_bytes(meta: OptimMeta) -> int:
     """Tensor bytes of an optimizer file's flat fp32 groups, moments and steps."""
     total = 0
     for g in meta.groups:
@@ -411,7 +411,7 @@ def _build_zero3(files, metas, stage, strict) -> CheckpointIndex:
     return CheckpointIndex(files=files, family=Family.ZERO3, zero_stage=stage, tp_degree=tp, pp_degree=1, dp_degree=dp,
                            params=params, fallbacks=[], aliases={}, uc_info=uc, injected_uc_info=False,
                            optimizer_state_source=first_optim.index, copy_sources=[s.index for s in models],
-                           optimizer_state_bytes=_partition_bytes(metas[first_optim.index]),
+                           optimizer_state_bytes=partition_bytes(metas[first_optim.index]),
                            autoep_uc=(C.AUTOEP_ZERO3_EXPERT_PATTERN, None) if experts else None,
                            global_steps=metas[model0.index].global_steps, ds_version=metas[model0.index].ds_version,
                            notes=notes)

@@ -28,7 +28,9 @@ from ..errors import UckptError
 from ..regions import Kind
 from ..torchsave.format import TensorData, shape_numel
 from .files import CheckpointFiles, classify
+from .index import partition_bytes
 from .shards import GroupMeta, ModelMeta, OptimizerKind, OptimMeta
+from .zero3 import zero3_span
 
 Shape = Tuple[int, ...]
 FILE_ALLOWANCE = 64 << 10  # bytes a shard holds besides its tensors (pickle, zip records), an estimate
@@ -123,7 +125,7 @@ def _step() -> TensorData:
     return TensorData("float32", (), bytes(4))  # torch Adam's step: a float32 scalar tensor
 
 
-def _names(layout: ModelLayout, par: Parallel):
+def _names(par: Parallel):
     prefix = C.BF16_ZERO_FILE_PREFIX[:-len(C.ZERO_FILE_PREFIX)] if par.dtype is Dtype.BF16 else ""  # "bf16_"
     optim = lambda d, mp: f"{prefix}{C.ZERO_FILE_PREFIX}{d}_{C.MODEL_FILE_PREFIX}{mp:02d}{C.OPTIM_FILE_SUFFIX}"  # noqa
     if par.zero_stage == 3:
@@ -140,9 +142,8 @@ def synthesize(layout: ModelLayout, par: Parallel, sizes: Optional[Dict[str, int
     if par.pp > 1 and par.zero_stage > 1:
         raise UckptError(f"pipeline parallelism with ZeRO-{par.zero_stage}: DeepSpeed's pipeline engine supports "
                          "ZeRO stage 0 and 1 only", fix="use --zero_stage 1 with --pp")
-    if par.pp > 1 and par.zero_stage == 3:
-        raise UckptError("ZeRO-3 with pipeline parallelism", fix="use --zero_stage 1")
-    model_name, optim_name = _names(layout, par)
+    model_name, optim_name = _names(par)
+    kind = OptimizerKind.ZERO3 if par.zero_stage == 3 else OptimizerKind.ZERO12
     metas_by_name: Dict[str, object] = {}
     estimate: Dict[str, int] = {}
     uc = dict(layout.tp_patterns, **{C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE}) \
@@ -162,7 +163,7 @@ def synthesize(layout: ModelLayout, par: Parallel, sizes: Optional[Dict[str, int
                 param_shapes = [{e.name: shapes[e.name] for e in g} for g in groups]
             module = {e.name: shapes[e.name] for e in here} if par.zero_stage < 3 else {}
             saved = {e.name: shape_numel(shapes[e.name]) * (e.itemsize or par.dtype.itemsize) for e in here}
-            lp_bytes = sum(saved[e.name] for e in here if not e.alias_of) if module else 0
+            lp_bytes = sum(saved[e.name] for e in here if e.name in module and not e.alias_of)  # tied: saved once
             model_meta = ModelMeta(
                 param_shapes=param_shapes, module_shapes=module,
                 module_nbytes={k: saved[k] for k in module},
@@ -173,16 +174,14 @@ def synthesize(layout: ModelLayout, par: Parallel, sizes: Optional[Dict[str, int
                 dp_world_size=par.dp, mp_world_size=par.tp * par.pp)
             for d in range(par.dp if par.zero_stage == 3 else 1):
                 metas_by_name[model_name(d, mp)] = model_meta
-                estimate[model_name(d, mp)] = FILE_ALLOWANCE + (lp_bytes if par.zero_stage < 3 else 0)
+                estimate[model_name(d, mp)] = FILE_ALLOWANCE + lp_bytes
             for d in range(par.dp):
                 if par.zero_stage == 3:
                     gms = [_zero3_group(s, shapes, par.dp) for s in sub_groups]
                 else:
                     gms = [_zero12_group(g, shapes, par.dp, d) for g in groups]
-                kind = OptimizerKind.ZERO3 if par.zero_stage == 3 else OptimizerKind.ZERO12
-                metas_by_name[optim_name(d, mp)] = OptimMeta(par.zero_stage, gms, optimizer_kind=kind)
-                estimate[optim_name(d, mp)] = FILE_ALLOWANCE + sum(
-                    4 * (g.fp32_numel + sum(g.state_numels.values())) for g in gms)
+                meta = metas_by_name[optim_name(d, mp)] = OptimMeta(par.zero_stage, gms, optimizer_kind=kind)
+                estimate[optim_name(d, mp)] = FILE_ALLOWANCE + partition_bytes(meta)
     known = dict(estimate, **{k: v for k, v in (sizes or {}).items() if k in estimate})
     files = classify(folder, known)
     return files, {s.index: metas_by_name[os.path.basename(s.path)] for s in files.sources}
@@ -190,7 +189,7 @@ def synthesize(layout: ModelLayout, par: Parallel, sizes: Optional[Dict[str, int
 
 def _sub_groups(group: List[Entry], par: Parallel) -> List[List[Entry]]:
     """DeepSpeed's ``_create_fp16_sub_groups``: cut when the partition elements reach sub_group_size."""
-    numel = lambda e: -(-shape_numel(tp_shape(e, par.tp)) // par.dp)  # noqa: E731 (partition_numel)
+    numel = lambda e: _partition_numel(shape_numel(tp_shape(e, par.tp)), par.dp)  # noqa: E731
     if par.sub_group_size >= sum(numel(e) for e in group):
         return [group]
     out, cur, size = [], [], 0
@@ -203,8 +202,13 @@ def _sub_groups(group: List[Entry], par: Parallel) -> List[List[Entry]]:
     return out
 
 
+def _partition_numel(numel: int, dp: int) -> int:
+    """Slots of each ZeRO-3 partition of a parameter (DeepSpeed's ``partition_numel``)."""
+    return zero3_span(numel, 0, dp)[2]
+
+
 def _zero3_group(sub: List[Entry], shapes: Dict[str, Shape], dp: int) -> GroupMeta:
-    n = sum(-(-shape_numel(shapes[e.name]) // dp) for e in sub)
+    n = sum(_partition_numel(shape_numel(shapes[e.name]), dp) for e in sub)
     return GroupMeta(n, {C.EXP_AVG_KEY: n, C.EXP_AVG_SQ_KEY: n}, _step(), True)
 
 

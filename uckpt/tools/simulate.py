@@ -10,7 +10,7 @@ import sys
 from typing import Any, Dict, List
 
 from ..conversion.costs import Bandwidth, as_dicts, predicted_seconds, rank_costs, written_numel
-from ..conversion.plan import make_plan
+from ..conversion.plan import make_plan, param_bytes
 from ..dsformat import synthetic
 from ..dsformat.index import build_index
 from ..errors import UckptError
@@ -40,7 +40,7 @@ def handled(row: Dict[str, int]) -> int:
     return row["read_bytes"] + row["received_bytes"] + row["written_bytes"]
 
 
-def scaling_limit(points: List[Dict[str, Any]], index, plan_items: Dict[str, int]) -> Dict[str, Any]:
+def scaling_limit(points: List[Dict[str, Any]], plan_items: Dict[str, int]) -> Dict[str, Any]:
     """The first converter size after which doubling cuts the busiest rank's bytes (read, received and
     written) by less than 10%, and the indivisible piece of work that bounds that rank: a model file
     one rank copies, an optimizer file one rank reads, or a parameter one rank assembles and writes."""
@@ -63,12 +63,12 @@ def simulate(cfg: SimulateConfig) -> Dict[str, Any]:
     bw = Bandwidth(cfg.read_gbps * GB, cfg.write_gbps * GB, cfg.net_gbps * GB)
     budget = int(cfg.memory.budget_mb) << 20
     largest_file = max(s.nbytes for s in files.sources)
-    largest_param = max(p.numel for p in index.params) * 4 * 3
+    largest_param = param_bytes(max(p.numel for p in index.params))
     # the indivisible pieces of work (bytes in and out of one rank), one of which bounds the busiest rank
     copies = [files.sources[i].nbytes for i in index.copy_sources]
     items = {"a model-file copy": 2 * max(copies),
              "an optimizer file read": max(s.nbytes for s in files.optim_sources()),
-             "one parameter's assembly and write": max(12 * (p.numel + written_numel(p)) for p in index.params)}
+             "one parameter's assembly and write": max(param_bytes(p.numel + written_numel(p)) for p in index.params)}
     out: Dict[str, Any] = {
         "layout": cfg.simulate, "dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "zero_stage": cfg.zero_stage,
         "dtype": cfg.dtype, "files": len(files.sources), "input_bytes": files.total_bytes,
@@ -98,7 +98,7 @@ def simulate(cfg: SimulateConfig) -> Dict[str, Any]:
                   f"{r['max'] / GB:>8.2f}/{r['mean'] / GB:<8.2f} {w['max'] / GB:>9.2f}/{w['mean'] / GB:<10.2f} "
                   f"{s['max'] / GB:>8.2f}/{s['mean'] / GB:<8.2f} {r['imbalance']:>4.1f}/{w['imbalance']:<4.1f} "
                   f"{point['peak_buffer_bytes'] / GB:>11.2f} {point['predicted_s']:>8.1f}")
-    limit = out["scaling_limit"] = scaling_limit(out["points"], index, items)
+    limit = out["scaling_limit"] = scaling_limit(out["points"], items)
     if not quiet:
         if limit["ranks"]:
             print(f"scaling stops near {limit['ranks']} ranks: the busiest rank moves "
