@@ -169,7 +169,7 @@ def main():
         _run(_torchrun(1, "-m", "examples.tiny_train", "--zero-stage", stage, "--dtype", "bf16",
                        "--steps", "2", "--load-dir", w(folder), "--loader", loader, "--dump-state", dump,
                        "--report", rep, *model))
-        dumps[stage, loader] = (torch.load(dump, weights_only=False), json.load(open(rep))["losses"])
+        dumps[stage, loader] = (torch.load(dump, weights_only=True), json.load(open(rep))["losses"])
     ref, ref_losses = dumps["1", "deepspeed"]
     for stage in ("1", "3"):  # DeepSpeed 0.19.8 refuses a ZeRO-2-made Universal checkpoint in a ZeRO-3 engine
         state, losses = dumps[stage, "uckpt"]
@@ -220,7 +220,7 @@ def scale(w, failures, cache=None):
                                  *CASES["zero2-3gb"], "--steps", "1", "--load-dir", w("scale", "uckpt-4"),
                                  "--loader", loader, "--dump-state", dump, "--report", rep))
         info = json.load(open(rep + ".load0.json"))
-        states[loader] = torch.load(dump, weights_only=False)
+        states[loader] = torch.load(dump, weights_only=True)
         where = "GPU" if torch.cuda.is_available() else "CPU"
         print(f"scale: {loader} loaded it into a DP=1 {where} engine: load call {info['load_s']:.2f}s, read "
               f"{info['rchar'] / 1e9:.2f} GB for {info['kept_bytes'] / 1e9:.2f} GB kept, added peak host memory "

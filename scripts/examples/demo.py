@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     runner.train(3, "--zero-stage", "2", "--dtype", "bf16", "--steps", "3", "--load-dir", os.path.dirname(ours),
                  "--dump-state", os.path.join(work, "resumed_state.pt"), "--report", os.path.join(work, "resumed.json"))
     resumed = json.load(open(os.path.join(work, "resumed.json")))
-    state = torch.load(os.path.join(work, "resumed_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(work, "resumed_state.pt"), weights_only=True)
 
     step("5. what happened")
     print(f"   {'step':>4} {'DP=2 original':>14} {'DP=3 resumed':>13}")
