@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .tiny_train import add_job_args, batch, dump_state, finish, load, save_if_due
+from .tiny_train import add_job_args, batch, run, save_if_due
 
 VOCAB, HIDDEN = 64, 32
 
@@ -46,36 +46,37 @@ def main(argv=None):
     deepspeed.init_distributed(dist_backend="gloo")
     world = dist.get_world_size()
     dp = world // args.stages
-    torch.manual_seed(0)
-    layers = [TiedLayerSpec("embed", Embed), LayerSpec(nn.Linear, HIDDEN, HIDDEN), LayerSpec(nn.Tanh),
-              LayerSpec(nn.Linear, HIDDEN, HIDDEN), LayerSpec(nn.LayerNorm, HIDDEN),
-              TiedLayerSpec("embed", Embed, forward_fn=head_forward)]
-    model = PipelineModule(layers=layers, num_stages=args.stages, loss_fn=loss_fn, partition_method="uniform")
     mb = args.global_batch // dp // 2
-    cfg = {"train_batch_size": args.global_batch, "train_micro_batch_size_per_gpu": mb,
-           "gradient_accumulation_steps": 2,
-           "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
-           "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "steps_per_print": 10**9}
-    if args.load_dir and args.loader != "uckpt":
-        cfg["checkpoint"] = {"load_universal": True}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=cfg)
-    if args.load_dir:
-        load(engine, args)
-    if args.dump_state:
-        dump_state(engine, args.dump_state)
-    dp_rank = engine.grid.get_data_parallel_rank()
-    losses = []
-    start = engine.global_steps
-    for step in range(start, start + args.steps):
-        data = batch(step, args.global_batch, args.seq, VOCAB)
-        local = data[dp_rank * (2 * mb):(dp_rank + 1) * (2 * mb)]
-        micro = iter([(local[i * mb:(i + 1) * mb, :-1], local[i * mb:(i + 1) * mb, 1:]) for i in range(2)])
-        loss = engine.train_batch(micro)
-        losses.append(float(loss))
-        save_if_due(engine, args, step)
-    finish(engine, args, start, losses)
 
+    def make_engine(args):
+        torch.manual_seed(0)
+        layers = [TiedLayerSpec("embed", Embed), LayerSpec(nn.Linear, HIDDEN, HIDDEN), LayerSpec(nn.Tanh),
+                  LayerSpec(nn.Linear, HIDDEN, HIDDEN), LayerSpec(nn.LayerNorm, HIDDEN),
+                  TiedLayerSpec("embed", Embed, forward_fn=head_forward)]
+        model = PipelineModule(layers=layers, num_stages=args.stages, loss_fn=loss_fn, partition_method="uniform")
+        cfg = {"train_batch_size": args.global_batch, "train_micro_batch_size_per_gpu": mb,
+               "gradient_accumulation_steps": 2,
+               "optimizer": {"type": "Adam", "params": {"torch_adam": True, "lr": 1e-2}},
+               "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "steps_per_print": 10**9}
+        if args.load_dir and args.loader != "uckpt":
+            cfg["checkpoint"] = {"load_universal": True}
+        engine, *_ = deepspeed.initialize(model=model, config=cfg,
+                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
+        return engine
+
+    def train(engine, args, start):
+        """``--steps`` pipeline steps (two micro-batches each, this DP rank's share of the batch)."""
+        dp_rank = engine.grid.get_data_parallel_rank()
+        losses = []
+        for step in range(start, start + args.steps):
+            data = batch(step, args.global_batch, args.seq, VOCAB)
+            local = data[dp_rank * (2 * mb):(dp_rank + 1) * (2 * mb)]
+            micro = iter([(local[i * mb:(i + 1) * mb, :-1], local[i * mb:(i + 1) * mb, 1:]) for i in range(2)])
+            losses.append(float(engine.train_batch(micro)))
+            save_if_due(engine, args, step)
+        return losses
+
+    run(args, make_engine, None, train)
 
 if __name__ == "__main__":
     main()

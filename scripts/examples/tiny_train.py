@@ -298,10 +298,12 @@ def variants(args):
     return out
 
 
-def run(args, make_engine, loss_at):
+def run(args, make_engine, loss_at, train=None):
     """Every example trainer's job: for each of :func:`variants`, a fresh engine from
     ``make_engine(args)``, the resume (if ``--load-dir``), the state dump, ``--steps`` steps with
-    ``loss_at(engine, step)`` as the forward pass; then :func:`finish`."""
+    ``loss_at(engine, step)`` as the forward pass (or ``train(engine, args, start)``, which runs
+    them and returns the losses: the pipeline engine's ``train_batch``); then :func:`finish`."""
+    train = train or (lambda engine, v, start: steps(engine, v, start, lambda step: loss_at(engine, step)))
     runs = variants(args)
     engine, start, losses = None, 0, []
     for v in runs:
@@ -312,7 +314,7 @@ def run(args, make_engine, loss_at):
         if v.dump_state:
             dump_state(engine, v.dump_state)
         start = engine.global_steps
-        losses = steps(engine, v, start, lambda step: loss_at(engine, step))
+        losses = train(engine, v, start)
         if v is not args:
             record(v, start, losses)
             engine = None

@@ -164,6 +164,21 @@ class Store:
             return torch.load(os.path.join(out, "state.pt"), weights_only=False), report
         return self._once(("resume", name, universal, nproc, args), build)
 
+    def resumes(self, name: str, nproc: int, args: Tuple[str, ...], ours: str, theirs: Optional[str] = None,
+                steps: int = 2) -> Dict[str, "Loaded"]:
+        """Every resume of one target (``nproc`` ranks, trainer ``args`` or the checkpoint's own) in one job:
+        DeepSpeed's loader on uckpt's Universal folder ``ours`` ("ours") and uckpt's loader on it
+        ("loaded"); with ``theirs`` (DeepSpeed's conversion, or another reference folder) the same two on
+        it ("theirs", "loaded_theirs"). One job pays torchrun's and the imports' start-up once; tests of
+        one target ask with the same folders, so they share it."""
+        loads = [("ours", ours, "deepspeed"), ("loaded", ours, "uckpt")]
+        if theirs is not None:
+            loads += [("theirs", theirs, "deepspeed"), ("loaded_theirs", theirs, "uckpt")]
+        variants = [{"name": label, "loader": loader, "load_dir": os.path.dirname(universal)}
+                    for label, universal, loader in loads]
+        return self.load_variants(name, os.path.dirname(ours), nproc, tuple(args or CKPTS[name].args), variants,
+                                  steps=steps)
+
     def load_variants(self, name: str, load_dir: str, nproc: int, args: Tuple[str, ...], variants: List[dict],
                       steps: int = 2) -> Dict[str, "Loaded"]:
         """One job of the trainer of ``name`` that loads each of ``variants`` (``--variants``: a name, the

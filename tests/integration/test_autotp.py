@@ -30,23 +30,23 @@ def test_autotp_matches_deepspeed(store, name, nproc):
 def test_autotp_resume_at_tp1_matches_deepspeed_conversion(store):
     """Saved at TP=2 x DP=2, resumed at TP=1 x DP=2 from uckpt's and from DeepSpeed's conversion."""
     ours, theirs = store.universal_pair("tp2-dp2-z2-bf16", 2)
-    args = ("--tp", "1", "--zero-stage", "2", "--dtype", "bf16")
-    state_ours, report_ours = store.resume("tp2-dp2-z2-bf16", ours, 2, *args)
-    state_ds, report_ds = store.resume("tp2-dp2-z2-bf16", theirs, 2, *args)
-    _same_tp_state(state_ours, state_ds, report_ours, report_ds, min_params=11)
+    runs = store.resumes("tp2-dp2-z2-bf16", 2, ("--tp", "1", "--zero-stage", "2", "--dtype", "bf16"), ours, theirs)
+    for label in ("ours", "loaded", "loaded_theirs"):
+        _same_tp_state(runs[label], runs["theirs"], min_params=11)
     # at TP=1 the engine holds the full merged tensors of the Universal files
     full = load_state(ours, "model.layers.1.mlp.down_proj.weight", "fp32")["param"]
-    assert torch.equal(state_ours["params"]["model.layers.1.mlp.down_proj.weight"], full)
+    assert torch.equal(runs["ours"].state["params"]["model.layers.1.mlp.down_proj.weight"], full)
     reference = store.reference_losses("tp2-dp2-z2-bf16")[2:4]
-    assert report_ours["losses"] == pytest.approx(reference, rel=2e-2)
+    assert runs["ours"].losses == pytest.approx(reference, rel=2e-2)
 
 
-def _same_tp_state(ours, theirs, report_ours, report_theirs, min_params=6):
-    """Two resumed engines agree (test_resume's check), after 2 saved steps, with the same next losses."""
-    assert_same_state(ours, theirs)
-    assert ours["global_steps"] == 2
-    assert all(len(ours[key]) >= min_params for key in ("params", "exp_avg", "exp_avg_sq"))
-    assert report_ours["losses"] == report_theirs["losses"]
+def _same_tp_state(ours, theirs, min_params=6):
+    """Two resumed engines (:class:`helpers.store.Loaded`) agree (test_resume's check), after 2 saved
+    steps, with the same next losses."""
+    assert_same_state(ours.state, theirs.state)
+    assert ours.state["global_steps"] == 2
+    assert all(len(ours.state[key]) >= min_params for key in ("params", "exp_avg", "exp_avg_sq"))
+    assert ours.losses == theirs.losses
 
 
 def test_custom_module_resume_at_tp1(store):
@@ -55,15 +55,14 @@ def test_custom_module_resume_at_tp1(store):
     name = "tp2-custom-z2-fp32"
     ours_u, theirs_u = store.universal_pair(name, 2)
     args = ("--model", "custom", "--tp", "1", "--zero-stage", "2", "--dtype", "fp32")
-    theirs, report_theirs = store.resume(name, theirs_u, 2, *args)
-    ours, report_ours = store.resume(name, ours_u, 2, *args)
-    loaded, report_loaded = store.resume(name, ours_u, 2, *args, "--loader", "uckpt")
-    _same_tp_state(ours, theirs, report_ours, report_theirs)
-    _same_tp_state(loaded, theirs, report_loaded, report_theirs)
+    runs = store.resumes(name, 2, args, ours_u, theirs_u)
+    ours, theirs = runs["ours"], runs["theirs"]
+    for label in ("ours", "loaded", "loaded_theirs"):
+        _same_tp_state(runs[label], theirs)
     full = load_state(ours_u, "blocks.0.gate_up.weight", "fp32")["param"]
-    assert torch.equal(ours["params"]["blocks.0.gate_up.weight"], full)
+    assert torch.equal(ours.state["params"]["blocks.0.gate_up.weight"], full)
     reference = store.reference_losses(name)[2:]  # the saved run trained one step past the save
-    assert report_ours["losses"][:len(reference)] == pytest.approx(reference, rel=2e-2)
+    assert ours.losses[:len(reference)] == pytest.approx(reference, rel=2e-2)
 
 
 def test_llama_resume_at_tp4(store):
@@ -72,15 +71,14 @@ def test_llama_resume_at_tp4(store):
     name = "tp2-llama8h-z1-bf16"
     ours_u, theirs_u = store.universal_pair(name, 1)
     args = ("--heads", "8", "--kv-heads", "4", "--tp", "4", "--zero-stage", "1", "--dtype", "bf16")
-    theirs, report_theirs = store.resume(name, theirs_u, 4, *args)
-    ours, report_ours = store.resume(name, ours_u, 4, *args)
-    loaded, report_loaded = store.resume(name, ours_u, 4, *args, "--loader", "uckpt")
-    _same_tp_state(ours, theirs, report_ours, report_theirs)
-    _same_tp_state(loaded, theirs, report_loaded, report_theirs)
-    k = ours["params"]["model.layers.0.self_attn.k_proj.weight"]
+    runs = store.resumes(name, 4, args, ours_u, theirs_u)
+    ours, theirs = runs["ours"], runs["theirs"]
+    for label in ("ours", "loaded", "loaded_theirs"):
+        _same_tp_state(runs[label], theirs)
+    k = ours.state["params"]["model.layers.0.self_attn.k_proj.weight"]
     assert k.shape == (8, 64)  # a quarter of 4 kv heads x 8
     reference = store.reference_losses(name)[2:]  # the saved run trained one step past the save
-    assert report_ours["losses"][:len(reference)] == pytest.approx(reference, rel=2e-2)
+    assert ours.losses[:len(reference)] == pytest.approx(reference, rel=2e-2)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -90,13 +88,12 @@ def test_uneven_tp3_resume(store, tp):
     name = "tp3-custom-z1-bf16"
     ours_u, theirs_u = store.universal_pair(name, 2)
     args = ("--model", "custom", "--tp", str(tp), "--zero-stage", "1", "--dtype", "bf16")
-    theirs, report_theirs = store.resume(name, theirs_u, tp, *args)
-    ours, report_ours = store.resume(name, ours_u, tp, *args)
-    loaded, report_loaded = store.resume(name, ours_u, tp, *args, "--loader", "uckpt")
-    _same_tp_state(ours, theirs, report_ours, report_theirs)
-    _same_tp_state(loaded, theirs, report_loaded, report_theirs)
+    runs = store.resumes(name, tp, args, ours_u, theirs_u)
+    ours, theirs = runs["ours"], runs["theirs"]
+    for label in ("ours", "loaded", "loaded_theirs"):
+        _same_tp_state(runs[label], theirs)
     reference = store.reference_losses(name)[2:]  # the saved run trained one step past the save
-    assert report_ours["losses"][:len(reference)] == pytest.approx(reference, rel=2e-2)
+    assert ours.losses[:len(reference)] == pytest.approx(reference, rel=2e-2)
 
 
 def test_diverged_replicas_name_the_parameter(copy_tag, tmp_path, capsys):

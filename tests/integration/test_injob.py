@@ -62,21 +62,20 @@ def test_resume_at_another_dp_size(store, loader):
     """Saved in-job at DP=4 (ZeRO-2), resumed at DP=3: the state and next losses equal a resume from
     DeepSpeed's conversion of the native save, which continue the uninterrupted run's losses."""
     name = "z2-bf16-dp4"
-    args = (*CKPTS[name].args, "--loader", loader)
-    ours, report_ours = store.resume(name, store.injob_universal(name), 3, *args)
-    theirs, report_theirs = store.resume(name, store.ds_universal(name), 3, *args)
-    assert_same_state(ours, theirs)
-    assert report_ours["losses"] == report_theirs["losses"]
-    assert report_ours["losses"] == pytest.approx(store.reference_losses(name)[3:5], rel=2e-2)
+    runs = store.resumes(name, 3, (), store.injob_universal(name), store.ds_universal(name))
+    ours, theirs = (runs["ours"], runs["theirs"]) if loader == "deepspeed" else (runs["loaded"], runs["loaded_theirs"])
+    assert_same_state(ours.state, theirs.state)
+    assert ours.losses == theirs.losses
+    assert ours.losses == pytest.approx(store.reference_losses(name)[3:5], rel=2e-2)
 
 
 def test_resume_autotp_at_tp1(store):
     name = "tp2-dp2-z2-bf16"
     args = ("--tp", "1", "--zero-stage", "2", "--dtype", "bf16")
-    ours, report_ours = store.resume(name, store.injob_universal(name), 2, *args)
-    theirs, report_theirs = store.resume(name, store.universal_pair(name, 1)[1], 2, *args)
-    assert_same_state(ours, theirs)
-    assert report_ours["losses"] == report_theirs["losses"]
+    runs = store.resumes(name, 2, args, store.injob_universal(name), store.universal_pair(name, 1)[1])
+    for ours, theirs in (("ours", "theirs"), ("loaded", "loaded_theirs")):
+        assert_same_state(runs[ours].state, runs[theirs].state)
+        assert runs[ours].losses == runs[theirs].losses
 
 
 def test_refusals_and_cpu_offload(tmp_path):

@@ -1,7 +1,6 @@
 """uckpt.load_into_engine and uckpt.load_state_dict on real checkpoints: the same engine state as
 DeepSpeed's load_universal where DeepSpeed works, and a correct one where it fails or is lossy
 (ZeRO-1/2 <-> ZeRO-3, frozen parameters and buffers, per-group hyperparameters at ZeRO-3)."""
-import json
 import os
 
 import pytest
@@ -19,12 +18,6 @@ from helpers.checks import assert_same_state, universal_value
 UCKPT = ("--loader", "uckpt")
 
 
-def _load_reports(store, name, universal, world, args):
-    key = f"{os.path.basename(os.path.dirname(universal))}-n{world}{''.join(args)}"
-    out = os.path.join(store.root, name, "resume", key, "report.json")
-    return [json.load(open(f"{out}.load{r}.json")) for r in range(world)]
-
-
 def _assert_holds_universal(state, universal, names=None):
     for key, st in (("params", "fp32"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
         assert len(state[key]) > 0
@@ -36,22 +29,21 @@ def _assert_holds_universal(state, universal, names=None):
 @pytest.mark.parametrize("name,world,source", [("z2-bf16-dp4", 2, "uckpt"), ("z1-bf16-dp2", 3, "uckpt"),
                                                ("z2-bf16-dp4", 3, "deepspeed"), ("z3-bf16-dp2", 3, "uckpt")])
 def test_same_state_as_deepspeed_loader(store, name, world, source):
-    universal = store.uckpt_universal(name, 2) if source == "uckpt" else store.ds_universal(name)
-    theirs, report_theirs = store.resume(name, universal, world)
-    ours, report_ours = store.resume(name, universal, world, *CKPTS[name].args, *UCKPT)
-    assert_same_state(ours, theirs)
-    loads = _load_reports(store, name, universal, world, (*CKPTS[name].args, *UCKPT))
-    assert all(r["loader"] == "uckpt" and r["bytes_read"] > 0 for r in loads)
+    runs = store.resumes(name, world, (), store.uckpt_universal(name, 2), store.ds_universal(name))
+    # DeepSpeed's loader and uckpt's on one folder: uckpt's conversion, or DeepSpeed's
+    theirs, ours = (runs["ours"], runs["loaded"]) if source == "uckpt" else (runs["theirs"], runs["loaded_theirs"])
+    assert_same_state(ours.state, theirs.state)
+    assert all(r["loader"] == "uckpt" and r["bytes_read"] > 0 for r in ours.loads)
     if "--zero-stage" in CKPTS[name].args and CKPTS[name].args[CKPTS[name].args.index("--zero-stage") + 1] == "3":
         # DeepSpeed's ZeRO-3 universal load gives every group param_groups[0]'s hyperparameters
         # (spec 6): the no-decay group resumes with weight decay 0.1. uckpt keeps each group's own.
-        assert [g["weight_decay"] for g in theirs["groups"]] == [0.1, 0.1]
-        assert [g["weight_decay"] for g in ours["groups"]] == [0.1, 0.0]
+        assert [g["weight_decay"] for g in theirs.state["groups"]] == [0.1, 0.1]
+        assert [g["weight_decay"] for g in ours.state["groups"]] == [0.1, 0.0]
     else:
-        assert ours["groups"] == theirs["groups"]
-        assert report_ours["losses"] == report_theirs["losses"]
+        assert ours.state["groups"] == theirs.state["groups"]
+        assert ours.losses == theirs.losses
     reference = store.reference_losses(name)[3:5]
-    assert report_ours["losses"] == pytest.approx(reference, rel=2e-2)
+    assert ours.losses == pytest.approx(reference, rel=2e-2)
 
 
 def test_frozen_params_and_buffers_restored(store):
@@ -59,9 +51,8 @@ def test_frozen_params_and_buffers_restored(store):
     layer and buffer as initialised; uckpt restores the checkpoint's."""
     name = "z2-bf16-dp4"
     universal = store.uckpt_universal(name, 2)
-    args = (*CKPTS[name].args, "--seed", "1")
-    theirs, _ = store.resume(name, universal, 2, *args)
-    ours, _ = store.resume(name, universal, 2, *args, *UCKPT)
+    runs = store.resumes(name, 2, (*CKPTS[name].args, "--seed", "1"), universal)
+    theirs, ours = runs["ours"].state, runs["loaded"].state
     for pname, value in ours["frozen"].items():
         saved = universal_value(universal, pname, "fp32").to(value.dtype)
         assert torch.equal(value, saved), pname
@@ -101,13 +92,13 @@ def test_deepspeed_refuses_zero2_universal_in_zero3_run(store, tmp_path):
 
 def test_autotp_tp2_universal_into_tp1_and_tp2(store):
     name = "tp2-dp2-z2-bf16"
-    ours_u, _ = store.universal_pair(name, 2)
+    ours_u, theirs_u = store.universal_pair(name, 2)
     for args, world in ((("--tp", "1", "--zero-stage", "2", "--dtype", "bf16"), 2),
                         (("--tp", "2", "--zero-stage", "1", "--dtype", "bf16"), 2)):
-        theirs, report_theirs = store.resume(name, ours_u, world, *args)
-        ours, report_ours = store.resume(name, ours_u, world, *args, *UCKPT)
-        assert_same_state(ours, theirs)
-        assert report_ours["losses"] == report_theirs["losses"]
+        runs = store.resumes(name, world, args, ours_u, theirs_u)
+        for ours, theirs in (("loaded", "ours"), ("loaded_theirs", "theirs")):
+            assert_same_state(runs[ours].state, runs[theirs].state)
+            assert runs[ours].losses == runs[theirs].losses
 
 
 def test_missing_parameter_fails_on_every_rank(store, tmp_path):
@@ -159,8 +150,8 @@ def test_load_state_dict_gives_the_tp_shards_that_were_saved(store):
 def test_pipeline_engine(store):
     """A PipelineModule engine (PP=2, ZeRO-1, tied embedding) resumed at DP 1 -> 2 by uckpt's loader: the
     state DeepSpeed's loader reaches."""
-    ours = store.uckpt_universal("pp2-dp1", 2)
-    theirs, report_theirs = store.resume("pp2-dp1", ours, 4, "--stages", "2")
-    loaded, report_loaded = store.resume("pp2-dp1", ours, 4, "--stages", "2", *UCKPT)
-    assert_same_state(loaded, theirs)
-    assert report_loaded["losses"] == report_theirs["losses"]
+    runs = store.resumes("pp2-dp1", 4, ("--stages", "2"), store.uckpt_universal("pp2-dp1", 2),
+                         store.ds_universal("pp2-dp1"))
+    for ours, theirs in (("loaded", "ours"), ("loaded_theirs", "theirs")):
+        assert_same_state(runs[ours].state, runs[theirs].state)
+        assert runs[ours].losses == runs[theirs].losses

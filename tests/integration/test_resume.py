@@ -17,11 +17,11 @@ RESUMES = [
 
 @pytest.mark.parametrize("name,world,args", RESUMES)
 def test_resume_matches_deepspeed_conversion(store, name, world, args):
-    ours, theirs = store.uckpt_universal(name, 2), store.ds_universal(name)
-    state_ours, report_ours = store.resume(name, ours, world, *args)
-    state_ds, report_ds = store.resume(name, theirs, world, *args)
-    assert_same_state(state_ours, state_ds)
-    assert report_ours["losses"] == report_ds["losses"]
+    ours = store.uckpt_universal(name, 2)
+    runs = store.resumes(name, world, args, ours, store.ds_universal(name))
+    state_ours, losses_ours = runs["ours"].state, runs["ours"].losses
+    assert_same_state(state_ours, runs["theirs"].state)
+    assert losses_ours == runs["theirs"].losses
     # what the engine holds is what the Universal files hold
     for key, state in (("params", "fp32"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
         for pname, value in state_ours[key].items():
@@ -29,7 +29,7 @@ def test_resume_matches_deepspeed_conversion(store, name, world, args):
     assert state_ours["global_steps"] == 3 and state_ours["step"][0] == 3.0
     # the resumed curve continues the uninterrupted one (other DP size: reduction order differs)
     reference = store.reference_losses(name)[3:5]
-    assert report_ours["losses"] == pytest.approx(reference, rel=2e-2)
+    assert losses_ours == pytest.approx(reference, rel=2e-2)
 
 
 def test_pipeline_tied_across_stages_with_dp(store):
@@ -52,8 +52,7 @@ def test_pipeline_tied_across_stages_with_dp(store):
 
 
 def test_pipeline_resume_matches_deepspeed_conversion(store):
-    ours, theirs = store.uckpt_universal("pp2-dp1", 2), store.ds_universal("pp2-dp1")
-    state_ours, report_ours = store.resume("pp2-dp1", ours, 4, "--stages", "2")
-    state_ds, report_ds = store.resume("pp2-dp1", theirs, 4, "--stages", "2")
-    assert_same_state(state_ours, state_ds)
-    assert report_ours["losses"] == report_ds["losses"]
+    runs = store.resumes("pp2-dp1", 4, ("--stages", "2"), store.uckpt_universal("pp2-dp1", 2),
+                         store.ds_universal("pp2-dp1"))
+    assert_same_state(runs["ours"].state, runs["theirs"].state)
+    assert runs["ours"].losses == runs["theirs"].losses
