@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The scaling model at training-cluster sizes: ``uckpt plan --simulate`` for Llama-style 8B, 70B
-and 405B checkpoints at N = 1 ... 1,024 converter ranks, drawn as one PNG (docs/scaling.png).
+and 405B checkpoints and a Mixtral 8x7B one saved with AutoEP at N = 1 ... 1,024 converter ranks, drawn as one PNG (docs/scaling.png).
 
 Left: the busiest rank's bytes (read, received and written) and the mean rank's, against N; right: the
 predicted time under the given per-rank bandwidths. The model behind both is checked rank by rank
@@ -23,6 +23,7 @@ LAYOUTS = {
     "llama-8b": {"dp": 64, "tp": 1, "pp": 1, "zero_stage": 2},
     "llama-70b": {"dp": 32, "tp": 8, "pp": 1, "zero_stage": 1},
     "llama-405b": {"dp": 8, "tp": 8, "pp": 16, "zero_stage": 1},
+    "mixtral-8x7b": {"dp": 64, "ep": 8, "zero_stage": 2},
 }
 RANKS = "1,2,4,8,16,32,64,128,256,512,1024"
 
@@ -58,11 +59,11 @@ def plot(results, args):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for (name, sim), color in zip(results.items(), ("tab:blue", "tab:orange", "tab:green")):
+    for (name, sim), color in zip(results.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         ns = [p["ranks"] for p in sim["points"]]
         busiest = [max(handled(r) for r in p["per_rank"]) / 1e9 for p in sim["points"]]
         mean = [sum(handled(r) for r in p["per_rank"]) / len(p["per_rank"]) / 1e9 for p in sim["points"]]
-        label = f"{name} (dp={sim['dp']} tp={sim['tp']} pp={sim['pp']}, ZeRO-{sim['zero_stage']})"
+        label = f"{name} (dp={sim['dp']} tp={sim['tp']} pp={sim['pp']} ep={sim['ep']}, ZeRO-{sim['zero_stage']})"
         left.plot(ns, busiest, "o-", color=color, label=label + ": busiest rank")
         left.plot(ns, mean, "--", color=color, alpha=0.6, label=name + ": mean rank (1/N)")
         right.plot(ns, [p["predicted_s"] for p in sim["points"]], "o-", color=color, label=name)

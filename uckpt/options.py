@@ -108,10 +108,13 @@ class SimulateConfig:
     without any file (:mod:`uckpt.tools.simulate`)."""
 
     simulate: str = opt("llama-8b", "plan a synthetic checkpoint of this model layout instead of a folder",
-                        choices=["llama-8b", "llama-70b", "llama-405b"])
+                        choices=["llama-8b", "llama-70b", "llama-405b", "mixtral-8x7b", "mixtral-8x22b"])
     dp: int = opt(8, "data-parallel size of the job that saved it")
     tp: int = opt(1, "tensor-parallel (AutoTP) size of the job that saved it")
     pp: int = opt(1, "pipeline stages of the job that saved it (ZeRO-1 only, as DeepSpeed)")
+    ep: int = opt(1, "expert-parallel (AutoEP autoep_size) size of the job that saved it (Mixtral layouts, "
+                     "ZeRO-1/2)")
+    data_before_ep: bool = opt(False, "the job set use_data_before_expert_parallelism")
     zero_stage: int = opt(2, "ZeRO stage of the job that saved it", choices=[1, 2, 3])
     dtype: str = opt("bf16", "training dtype of the job that saved it", choices=["bf16", "fp32"])
     ranks: str = opt("1,2,4,8,16,32,64,128,256,512,1024", "converter sizes to plan for (comma-separated)")

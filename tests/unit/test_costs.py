@@ -34,7 +34,7 @@ def test_zero3_splits_groups_at_sub_group_size_of_partition_elements():
 
 
 def test_costs_move_every_byte_once_whatever_the_converter_size():
-    files, metas = S.synthesize(S.llama("llama-8b"), S.Parallel(dp=4, tp=2, zero_stage=1))
+    files, metas = S.synthesize(S.layout("llama-8b"), S.Parallel(dp=4, tp=2, zero_stage=1))
     index = build_index(files, metas, inject_missing_state=True)
     totals = set()
     for n in (1, 3, 8):
@@ -49,11 +49,45 @@ def test_costs_move_every_byte_once_whatever_the_converter_size():
     assert read > written > 3 * 4 * 8_000_000_000
 
 
+@pytest.mark.parametrize("data_before_ep", [False, True])
+def test_autoep_expert_groups_are_partitioned_over_the_ranks_of_one_ep_rank(data_before_ep):
+    """DP=4 x EP=2: each DP rank's expert group holds its EP rank's 4 of 8 experts, cut over the 2 ranks
+    that share them; the dense group is cut over all 4 (the ranks DeepSpeed's rule names)."""
+    tiny = S.mixtral((32, 1, 4, 2, 64, 128, 8))
+    files, metas = S.synthesize(tiny, S.Parallel(dp=4, ep=2, data_before_ep=data_before_ep))
+    model = metas[files.model_sources()[0].index]
+    assert model.param_shapes[1] == {f"model.layers.0.mlp.experts.w{k}": s
+                                     for k, s in ((1, (4, 64, 32)), (2, (4, 32, 64)), (3, (4, 64, 32)))}
+    assert not any(".experts." in k for k in model.module_shapes)
+    assert [(e["num_local_experts"], e["ep_size"]) for e in model.autoep_layers] == [(4, 2)]
+    assert len(files.expert_files) == 8 and len(files.sources) == 5  # per-expert files are not sources
+    optims = [metas[s.index] for s in files.optim_sources()]
+    expert_numel = 3 * 4 * 64 * 32
+    assert [m.groups[1].fp32_numel for m in optims] == [expert_numel // 2] * 4
+    # the second half of an EP rank's experts: DP rank 2 (EP ranks interleaved), or 1 (data before EP)
+    second = 1 if data_before_ep else 2
+    # its partition starts at 12288, inside w2 ([8192, 16384) of the EP rank's 24576 elements)
+    assert optims[second].groups[1].mappings["model.layers.0.mlp.experts.w2"] == (0, 4096)
+    index = build_index(files, metas, inject_missing_state=False)
+    w2 = next(p for p in index.params if p.name.endswith("experts.w2"))
+    assert tuple(w2.shape) == (8, 32, 64)
+    rows = rank_costs(index, make_plan(index, 3, 4096 << 20))
+    assert sum(r.sent_bytes for r in rows) == sum(r.received_bytes for r in rows) > 0
+
+
 def test_layout_errors_are_one_line():
     with pytest.raises(UckptError, match="does not divide by tp=3"):
-        S.synthesize(S.llama("llama-8b"), S.Parallel(dp=2, tp=3))
+        S.synthesize(S.layout("llama-8b"), S.Parallel(dp=2, tp=3))
     with pytest.raises(UckptError, match="ZeRO stage 0 and 1 only"):
-        S.synthesize(S.llama("llama-8b"), S.Parallel(dp=2, pp=2, zero_stage=2))
+        S.synthesize(S.layout("llama-8b"), S.Parallel(dp=2, pp=2, zero_stage=2))
+    with pytest.raises(UckptError, match="has no routed experts"):
+        S.synthesize(S.layout("llama-8b"), S.Parallel(dp=2, ep=2))
+    with pytest.raises(UckptError, match="only AutoEP at ZeRO-1/2 without TP"):
+        S.synthesize(S.layout("mixtral-8x7b"), S.Parallel(dp=2, ep=2, zero_stage=3))
+    with pytest.raises(UckptError, match="not a multiple of ep=4"):
+        S.synthesize(S.layout("mixtral-8x7b"), S.Parallel(dp=6, ep=4))
+    with pytest.raises(UckptError, match="do not divide by ep=3"):
+        S.synthesize(S.layout("mixtral-8x7b"), S.Parallel(dp=6, ep=3))
 
 
 def test_cli_prints_and_writes_every_rank(tmp_path, capsys):
@@ -69,6 +103,14 @@ def test_cli_prints_and_writes_every_rank(tmp_path, capsys):
     assert sim["scaling_limit"]["ranks"] in ranks[1:-1]
     one, many = sim["points"][0], sim["points"][-1]
     assert many["read_bytes"]["max"] < one["read_bytes"]["max"] and many["predicted_s"] < one["predicted_s"]
+
+
+def test_cli_simulates_expert_parallel_layouts(capsys):
+    assert main(["plan", "--simulate", "mixtral-8x7b", "--dp", "16", "--ep", "8", "--ranks", "1,16"]) == 0
+    text = capsys.readouterr().out
+    assert "mixtral-8x7b: ZeRO-2 bf16, dp=16 tp=1 pp=1 ep=8: 17 files" in text
+    assert main(["plan", "--simulate", "llama-8b", "--ep", "2", "--ranks", "1"]) == 2
+    assert "llama-8b has no routed experts" in capsys.readouterr().err
 
 
 def test_cli_refuses_options_of_a_real_conversion(capsys):

@@ -7,10 +7,13 @@ Counted as the run counts them (:mod:`uckpt.conversion.run`, ``ranks[]`` of the 
 
 * read: the fragments a rank packs (every tensor state), the model files it copies, the module
   tensors of the fp32-only folders it writes, and ``zero/optimizer_state.pt``'s tensors. Not
-  counted: each shard's pickle (a few KB) and the CRC pass, which reads the files it opened again.
+  counted: each shard's pickle (a few KB).
+* crc: the CRC pass (``verify_crc``), which reads the files a rank opened again and its share of the
+  files no rank reads otherwise (per-expert and pipeline layer files), counted as file sizes (the
+  report's ``crc_checked_bytes`` counts the records: a few percent less on tiny files).
 * sent / received: fragment bytes that cross to another rank in the waves' ``all_to_all``.
-* written: tensor bytes of the files it writes, plus the model files it copies; each file's
-  container (zip records, pickle: about 1 KB) is not counted.
+* written: tensor bytes of the files it writes, plus the model files it copies (the tensors of
+  those it rewrites: AutoEP); each file's container (zip records, pickle: about 1 KB) is not counted.
 * collective calls: each phase's agreement, the metadata gathers and one ``all_to_all`` per wave.
 """
 from dataclasses import asdict, dataclass
@@ -44,6 +47,7 @@ class RankCost:
     params_owned: int = 0
     peak_buffer_bytes: int = 0  # the largest wave's fragments and assembled tensors (the plan's bound)
     collective_calls: int = 0
+    crc_bytes: int = 0  # file bytes its CRC pass reads
 
 
 def written_numel(spec: ParamSpec) -> int:
@@ -59,6 +63,12 @@ def written_numel(spec: ParamSpec) -> int:
         merged[rule.cat_dim] = sum(s[rule.cat_dim] for s in spec.tp_shapes)
         return min(rule.vocab_rows, merged[0]) * shape_numel(merged[1:])
     return spec.numel
+
+
+def _model_file_written(index: CheckpointIndex, s: int) -> int:
+    """Bytes counted for the output's copy of model file ``s``: the file, or its tensors where the
+    writer rewrites it (AutoEP's expert metadata added)."""
+    return index.files.sources[s].nbytes if index.autoep_uc is None else index.module_bytes[s]
 
 
 def _value_bytes(value) -> int:
@@ -101,9 +111,14 @@ def rank_costs(index: CheckpointIndex, plan: ConvertPlan, verify_crc: bool = Tru
     sources = index.files.sources
     for s in sources:
         rows[plan.readers[s.index]].files_read += 1
+        if verify_crc:
+            rows[plan.readers[s.index]].crc_bytes += s.nbytes
+    if verify_crc:
+        for row in rows:
+            row.crc_bytes += sum(index.files.unread_nbytes[path] for path in index.files.unread_share(row.rank, world))
     for s, writer in plan.copy_writers.items():
         rows[writer].read_bytes += sources[s].nbytes
-        rows[writer].written_bytes += sources[s].nbytes
+        rows[writer].written_bytes += _model_file_written(index, s)
     aliases = _alias_counts(index)
     for wave in plan.waves:
         read, sent, received, written = _wave_flows(index, plan, wave, aliases)
@@ -143,7 +158,7 @@ class Bandwidth:
 
 def predicted_seconds(index: CheckpointIndex, plan: ConvertPlan, bw: Bandwidth,
                       rows: Optional[List[RankCost]] = None) -> float:
-    """Time of the plan when every rank moves bytes at ``bw``: the model-file copies (on writer
+    """Time of the plan when every rank moves bytes at ``bw``: the CRC pass, the model-file copies (on writer
     threads, so overlapping the first wave, counted here as if they did not), then each wave as long
     as its slowest rank (read, exchange and write in turn: the waves are separated by collectives),
     then the fp32-only folders and ``optimizer_state.pt``, plus each collective's latency."""
@@ -153,7 +168,7 @@ def predicted_seconds(index: CheckpointIndex, plan: ConvertPlan, bw: Bandwidth,
     copies = [0] * world
     for s, writer in plan.copy_writers.items():
         copies[writer] += sources[s].nbytes
-    total = max(c / bw.read + c / bw.write for c in copies)
+    total = max(row.crc_bytes for row in rows) / bw.read + max(c / bw.read + c / bw.write for c in copies)
     aliases = _alias_counts(index)
     for wave in plan.waves:
         read, sent, received, written = _wave_flows(index, plan, wave, aliases)

@@ -169,7 +169,7 @@ def _verify_crc(r: _Run, files: CheckpointFiles, inp: NativeInput):
     if not r.cfg.verify_crc or getattr(r.cfg, "dry_run", False):
         return
     with r.phase("verify_crc"):
-        unread = sorted(files.layer_files + files.expert_files)[r.comm.rank::r.comm.world_size]
+        unread = files.unread_share(r.comm.rank, r.comm.world_size)
         r.crc_bytes = inp.verify(r.opened + unread)
 
 

@@ -46,6 +46,12 @@ class CheckpointFiles:
     optim_prefix: str
     expert_files: List[str] = field(default_factory=list)
     layer_files: List[str] = field(default_factory=list)
+    unread_nbytes: Dict[str, int] = field(default_factory=dict)  # sizes of the expert and layer files
+
+    def unread_share(self, rank: int, world: int) -> List[str]:
+        """The files no conversion reads for their content (pipeline layer and per-expert files) whose
+        bytes rank ``rank`` of ``world`` checks against their CRC-32: every ``world``-th, by name."""
+        return sorted(self.layer_files + self.expert_files)[rank::world]
 
     def model_sources(self) -> List[Source]:
         return [s for s in self.sources if s.kind is SourceKind.MODEL]
@@ -153,4 +159,5 @@ def classify(folder: str, sizes: Dict[str, Optional[int]]) -> CheckpointFiles:
     for s in sources:
         if s.nbytes == 0:
             raise CheckpointError("is empty (0 bytes)", s.path, "the save was interrupted; use an earlier checkpoint tag")
-    return CheckpointFiles(folder, family, sources, prefixes.pop(), experts, layers)
+    return CheckpointFiles(folder, family, sources, prefixes.pop(), experts, layers,
+                           {path: size(path) for path in experts + layers})

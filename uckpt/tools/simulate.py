@@ -56,8 +56,9 @@ def scaling_limit(points: List[Dict[str, Any]], plan_items: Dict[str, int]) -> D
 
 
 def simulate(cfg: SimulateConfig) -> Dict[str, Any]:
-    layout = synthetic.llama(cfg.simulate, cfg.pp)
-    par = synthetic.Parallel(cfg.dp, cfg.tp, cfg.pp, cfg.zero_stage, synthetic.Dtype(cfg.dtype))
+    layout = synthetic.layout(cfg.simulate, cfg.pp)
+    par = synthetic.Parallel(cfg.dp, cfg.tp, cfg.pp, cfg.zero_stage, synthetic.Dtype(cfg.dtype), ep=cfg.ep,
+                             data_before_ep=cfg.data_before_ep)
     files, metas = synthetic.synthesize(layout, par)
     index = build_index(files, metas, inject_missing_state=True)
     bw = Bandwidth(cfg.read_gbps * GB, cfg.write_gbps * GB, cfg.net_gbps * GB)
@@ -70,14 +71,14 @@ def simulate(cfg: SimulateConfig) -> Dict[str, Any]:
              "an optimizer file read": max(s.nbytes for s in files.optim_sources()),
              "one parameter's assembly and write": max(param_bytes(p.numel + written_numel(p)) for p in index.params)}
     out: Dict[str, Any] = {
-        "layout": cfg.simulate, "dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "zero_stage": cfg.zero_stage,
+        "layout": cfg.simulate, "dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep, "zero_stage": cfg.zero_stage,
         "dtype": cfg.dtype, "files": len(files.sources), "input_bytes": files.total_bytes,
         "params": len(index.params), "elements": index.total_numel, "largest_file_bytes": largest_file,
         "largest_param_bytes": largest_param, "budget_bytes": budget,
         "bandwidth_gbps": {"read": cfg.read_gbps, "write": cfg.write_gbps, "network": cfg.net_gbps}, "points": []}
     quiet = cfg.log.quiet
     if not quiet:
-        print(f"{cfg.simulate}: ZeRO-{cfg.zero_stage} {cfg.dtype}, dp={cfg.dp} tp={cfg.tp} pp={cfg.pp}: "
+        print(f"{cfg.simulate}: ZeRO-{cfg.zero_stage} {cfg.dtype}, dp={cfg.dp} tp={cfg.tp} pp={cfg.pp} ep={cfg.ep}: "
               f"{len(files.sources)} files, {files.total_bytes / GB:.1f} GB, {len(index.params)} parameters "
               f"({index.total_numel / 1e9:.2f} B elements); largest file {largest_file / GB:.2f} GB, largest "
               f"parameter {largest_param / GB:.2f} GB of states; budget {cfg.memory.budget_mb} MiB per rank")
