@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .autotp_train import VOCAB, build_model
+from .tiny_train import finish
 
 SEQ = 16
 
@@ -113,6 +114,7 @@ def main(argv=None):
     if args.report and dist.get_rank() == 0:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
+    finish(None, args, 0, [])  # the trainers' clean shutdown (gloo can abort the interpreter's teardown)
 
 
 if __name__ == "__main__":
