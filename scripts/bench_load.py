@@ -28,7 +28,9 @@ from examples import runner  # noqa: E402
 
 CASE = "zero2-3gb"
 MODEL = [a for a in CASES[CASE]]
-LOADERS = ("deepspeed", "uckpt")
+# each loader's trainer flags: DeepSpeed's, uckpt's (4 reader threads, the default) and uckpt's on one thread
+LOADERS = {"deepspeed": ("--loader", "deepspeed"), "uckpt": ("--loader", "uckpt"),
+           "uckpt-1-thread": ("--loader", "uckpt", "--load-threads", "1")}
 
 
 def universal_of(root: str, dp: int) -> str:
@@ -51,7 +53,7 @@ def load_once(load_dir: str, loader: str, work: str, nproc: int = 2):
     report = os.path.join(work, f"{loader}-report")
     state = os.path.join(work, f"{loader}-state.pt")
     runner.train(nproc, "--zero-stage", "2", "--dtype", "bf16", *MODEL, "--steps", "1", "--load-dir", load_dir,
-                 "--loader", loader, "--report", report, "--dump-state", state, module="examples.tiny_train",
+                 *LOADERS[loader], "--report", report, "--dump-state", state, module="examples.tiny_train",
                  timeout=1800)
     ranks = [json.load(open(f"{report}.load{r}.json")) for r in range(nproc)]
     return ranks, state
@@ -77,13 +79,14 @@ def main():
         runs = {loader: [] for loader in LOADERS}
         for i in range(args.repeat):
             states = {}
-            for loader in (LOADERS if i % 2 == 0 else LOADERS[::-1]):
+            for loader in (list(LOADERS) if i % 2 == 0 else list(LOADERS)[::-1]):
                 ranks, states[loader] = load_once(load_dir, loader, work)
                 runs[loader].append({"load_s": max(r["load_s"] for r in ranks),
                                      "rchar": sum(r["rchar"] for r in ranks),
                                      "kept": sum(r["kept_bytes"] for r in ranks),
                                      "peak_added_mib": sum(r["peak_added_mib"] for r in ranks)})
-            assert same_state(states["deepspeed"], states["uckpt"]), f"DP {src} -> 2: the loaders' states differ"
+            for loader in LOADERS:
+                assert same_state(states["deepspeed"], states[loader]), f"DP {src} -> 2: {loader}'s state differs"
         row = {}
         for loader, rs in runs.items():
             row[loader] = {"load_s": statistics.median(r["load_s"] for r in rs),

@@ -131,6 +131,7 @@ class LoadConfig:
 
     tag: Optional[str] = None  # None: the tag latest_universal names
     module_extras: bool = True  # restore frozen parameters and buffers from their fp32.pt
+    threads: int = 4  # threads per rank reading state files (ZeRO-1/2 targets); 1: one after another
     # DeepSpeed's engine.load_checkpoint flags, with its names and defaults
     load_module_strict: bool = True  # refuse a checkpoint lacking a target parameter or holding one it lacks
     load_optimizer_states: bool = True  # restore moments, step and param-group hyperparameters

@@ -211,8 +211,10 @@ def load(engine, args):
         if args.loader == "uckpt":
             import uckpt
 
+            threads = getattr(args, "load_threads", None)
             result = uckpt.load_into_engine(engine, args.load_dir, tag=args.load_tag,
-                                            trust_checkpoint=getattr(args, "trust_checkpoint", False), **flags)
+                                            trust_checkpoint=getattr(args, "trust_checkpoint", False), **flags,
+                                            **({} if threads is None else {"threads": threads}))
             load_path, client = result  # unpacks as DeepSpeed's (load_path, client_state)
             engine.uckpt_load_report = result.report
         else:
@@ -253,6 +255,7 @@ def add_job_args(ap):
     ap.add_argument("--loader", choices=["deepspeed", "uckpt", "hook"], default="deepspeed",
                     help="resume with engine.load_checkpoint (deepspeed), uckpt.load_into_engine (uckpt), or "
                          "engine.load_checkpoint after uckpt.use_for_universal_loads() (hook)")
+    ap.add_argument("--load-threads", type=int, default=None, help="with --loader uckpt: its reader threads")
     ap.add_argument("--no-load-module-strict", dest="load_module_strict", action="store_false")
     ap.add_argument("--no-load-optimizer-states", dest="load_optimizer_states", action="store_false")
     ap.add_argument("--no-load-lr-scheduler-states", dest="load_lr_scheduler_states", action="store_false")

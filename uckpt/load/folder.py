@@ -2,6 +2,7 @@
 once), the step and optimizer state, and the model-state file a rank reads its scalars from."""
 import glob
 import os
+import threading
 from typing import Any, Dict, Optional, Tuple
 
 from ..dsformat import constants as C
@@ -56,15 +57,19 @@ class StateFiles:
     def __init__(self, folder: str):
         self.folder = folder
         self._parsed: Dict[str, Tuple[ranged.FileTensor, Dict[str, Any]]] = {}
+        self._lock = threading.Lock()  # the loader's reader threads share it
 
     def open(self, name: str, state: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
         """The tensor of ``zero/<name>/<state>.pt`` (lazy) and the rest of its dict."""
         return self.open_path(_state_path(self.folder, name, state))
 
     def open_path(self, path: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
-        if path not in self._parsed:
-            self._parsed[path] = _parse_state(path)
-        return self._parsed[path]
+        parsed = self._parsed.get(path)
+        if parsed is None:
+            parsed = _parse_state(path)  # outside the lock: another thread parsing the same file is harmless
+            with self._lock:
+                parsed = self._parsed.setdefault(path, parsed)
+        return parsed
 
 
 def _parse_state(path: str) -> Tuple[ranged.FileTensor, Dict[str, Any]]:
