@@ -75,6 +75,13 @@ def test_autoep_expert_groups_are_partitioned_over_the_ranks_of_one_ep_rank(data
     assert sum(r.sent_bytes for r in rows) == sum(r.received_bytes for r in rows) > 0
 
 
+def test_mixtral_without_expert_parallelism_saves_its_experts_as_dense_weights():
+    files, metas = S.synthesize(S.mixtral((32, 1, 4, 2, 64, 128, 8)), S.Parallel(dp=2))
+    model = metas[files.model_sources()[0].index]
+    assert model.module_shapes["model.layers.0.mlp.experts.w2"] == (8, 32, 64) and len(model.param_shapes) == 1
+    assert not files.expert_files and not model.autoep_layers
+
+
 def test_layout_errors_are_one_line():
     with pytest.raises(UckptError, match="does not divide by tp=3"):
         S.synthesize(S.layout("llama-8b"), S.Parallel(dp=2, tp=3))

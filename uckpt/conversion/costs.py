@@ -10,7 +10,8 @@ Counted as the run counts them (:mod:`uckpt.conversion.run`, ``ranks[]`` of the 
   counted: each shard's pickle (a few KB).
 * crc: the CRC pass (``verify_crc``), which reads the files a rank opened again and its share of the
   files no rank reads otherwise (per-expert and pipeline layer files), counted as file sizes (the
-  report's ``crc_checked_bytes`` counts the records: a few percent less on tiny files).
+  report's ``crc_checked_bytes`` counts the records, which leave out each file's zip container and
+  pickle: nearly all of a tiny file, a negligible part of a large one).
 * sent / received: fragment bytes that cross to another rank in the waves' ``all_to_all``.
 * written: tensor bytes of the files it writes, plus the model files it copies (the tensors of
   those it rewrites: AutoEP); each file's container (zip records, pickle: about 1 KB) is not counted.
@@ -68,7 +69,7 @@ def written_numel(spec: ParamSpec) -> int:
 def _model_file_written(index: CheckpointIndex, s: int) -> int:
     """Bytes counted for the output's copy of model file ``s``: the file, or its tensors where the
     writer rewrites it (AutoEP's expert metadata added)."""
-    return index.files.sources[s].nbytes if index.autoep_uc is None else index.module_bytes[s]
+    return index.files.sources[s].nbytes if index.autoep_uc is None else index.model_tensor_bytes[s]
 
 
 def _value_bytes(value) -> int:
@@ -165,10 +166,10 @@ def predicted_seconds(index: CheckpointIndex, plan: ConvertPlan, bw: Bandwidth,
     rows = rows if rows is not None else rank_costs(index, plan)
     world = plan.world_size
     sources = index.files.sources
-    copies = [0] * world
+    copies = [0.0] * world
     for s, writer in plan.copy_writers.items():
-        copies[writer] += sources[s].nbytes
-    total = max(row.crc_bytes for row in rows) / bw.read + max(c / bw.read + c / bw.write for c in copies)
+        copies[writer] += sources[s].nbytes / bw.read + _model_file_written(index, s) / bw.write
+    total = max(row.crc_bytes for row in rows) / bw.read + max(copies)
     aliases = _alias_counts(index)
     for wave in plan.waves:
         read, sent, received, written = _wave_flows(index, plan, wave, aliases)

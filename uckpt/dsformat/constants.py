@@ -106,7 +106,8 @@ USE_DATA_BEFORE_EXPERT_PARALLELISM = "use_data_before_expert_parallelism"  # ds_
 EXPERT_PARAMETER_PATTERNS = "expert_parameter_patterns"  # universal_checkpoint_info
 # What DeepSpeed's converter writes as expert_parameter_patterns (spec 3.2; no leading '.*').
 AUTOEP_UNIVERSAL_EXPERT_PATTERN = r"\.experts\.w[123]$"
-AUTOEP_ZERO3_EXPERT_PATTERN = r".*\.experts\.w[123]$"  # what its ZeRO-3 path writes (spec 3.3)
+# what its ZeRO-3 path writes (spec 3.3), and what an AutoEP save records at every stage
+AUTOEP_ZERO3_EXPERT_PATTERN = r".*\.experts\.w[123]$"
 MODULE_KEY = "module"  # model-state file: lp state_dict
 SHARED_PARAMS_KEY = "shared_params"  # model-state file: {alias: canonical}
 DS_CONFIG_KEY = "ds_config"

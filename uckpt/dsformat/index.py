@@ -37,9 +37,9 @@ class CheckpointIndex:
     injected_uc_info: bool
     optimizer_state_source: int  # source whose optimizer state becomes zero/optimizer_state.pt
     copy_sources: List[int]  # model files copied into the output
-    # tensor bytes each of them holds (its module), what its writer writes when it rewrites the file
-    # (AutoEP adds expert metadata) instead of copying it
-    module_bytes: Dict[int, int] = field(default_factory=dict)
+    # tensor bytes each of them holds, what its writer writes when it rewrites the file (AutoEP adds
+    # expert metadata) instead of copying it
+    model_tensor_bytes: Dict[int, int] = field(default_factory=dict)
     # tensor bytes zero/optimizer_state.pt holds (ZeRO-3: DeepSpeed copies the whole first optimizer
     # partition into it, so its writer reads and writes them; ZeRO-1/2: none, the partitions are left out)
     optimizer_state_bytes: int = 0
@@ -336,13 +336,10 @@ def _build_zero12(files, metas, stage, inject, strict, ep_info=None) -> Checkpoi
     return CheckpointIndex(files=files, family=Family.ZERO12, zero_stage=stage, tp_degree=tp, pp_degree=pp,
                            dp_degree=dp, params=params, fallbacks=fallbacks, aliases=aliases, uc_info=uc,
                            injected_uc_info=injected, optimizer_state_source=optim_at[(0, 0)].index,
-                           copy_sources=[s.index for s in models], module_bytes=_module_bytes(models, metas),
+                           copy_sources=[s.index for s in models],
+                           model_tensor_bytes={s.index: metas[s.index].tensor_bytes for s in models},
                            autoep_uc=(C.AUTOEP_UNIVERSAL_EXPERT_PATTERN, ep_info.lightweight()) if ep_info else None,
                            global_steps=model0.global_steps, ds_version=model0.ds_version, notes=notes)
-
-
-def _module_bytes(models, metas) -> Dict[int, int]:
-    return {s.index: sum(metas[s.index].module_nbytes.values()) for s in models}
 
 
 def partition_bytes(meta: OptimMeta) -> int:
@@ -419,7 +416,7 @@ def _build_zero3(files, metas, stage, strict) -> CheckpointIndex:
     return CheckpointIndex(files=files, family=Family.ZERO3, zero_stage=stage, tp_degree=tp, pp_degree=1, dp_degree=dp,
                            params=params, fallbacks=[], aliases={}, uc_info=uc, injected_uc_info=False,
                            optimizer_state_source=first_optim.index, copy_sources=[s.index for s in models],
-                           module_bytes=_module_bytes(models, metas),
+                           model_tensor_bytes={s.index: metas[s.index].tensor_bytes for s in models},
                            optimizer_state_bytes=partition_bytes(metas[first_optim.index]),
                            autoep_uc=(C.AUTOEP_ZERO3_EXPERT_PATTERN, None) if experts else None,
                            global_steps=metas[model0.index].global_steps, ds_version=metas[model0.index].ds_version,

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from . import constants as C
 from ..errors import CheckpointError, UnsupportedCheckpointError
 from ..torchsave.reader import FileDescriptors, FileTensor, open_lazy
+from ..torchsave.writer import payload_bytes
 from ..torchsave.zipfmt import verify_crc
 from ..regions import Kind, Source, SourceKind
 from .checked import Checked
@@ -57,6 +58,7 @@ class ModelMeta:
     use_data_before_expert_parallelism: Any = False  # from the saved ds_config
     dp_world_size: Optional[int] = None  # the saving run's sizes, which say which shard files exist
     mp_world_size: Optional[int] = None
+    tensor_bytes: int = 0  # every tensor the file's dict holds, as the writer counts them when it rewrites it
 
 
 @dataclass
@@ -121,6 +123,7 @@ def model_meta(sd: Dict[str, Any], path: str) -> ModelMeta:
         if isinstance(ds_config, dict) else None,
         dp_world_size=c.int(sd.get(DP_WORLD_SIZE_KEY), f"'{DP_WORLD_SIZE_KEY}'", optional=True),
         mp_world_size=c.int(sd.get(MP_WORLD_SIZE_KEY), f"'{MP_WORLD_SIZE_KEY}'", optional=True),
+        tensor_bytes=payload_bytes(sd),
     )
 
 

@@ -79,6 +79,9 @@ class ModelLayout:
     groups: int = 2
     # universal_checkpoint_info AutoTP records for the model's parameters (its TP merge patterns)
     tp_patterns: Dict[str, List[str]] = field(default_factory=dict)
+    # with pipeline stages: PipelineModule layers without weights (an activation), by layer id -> stage;
+    # DeepSpeed saves a file for each of them too
+    weightless_layers: Dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,8 @@ EXPERT_WEIGHTS = ("w1", "w2", "w3")  # AutoEP's fused expert weights: gate [E, I
 def mixtral(dims: Tuple[int, ...]) -> ModelLayout:
     """A Mixtral decoder's state_dict as DeepSpeed's AutoEP ``mixtral`` preset leaves it (Hugging Face
     names, one optimizer group): per layer attention, the router ``mlp.router.gate`` (also saved as
-    ``mlp.gate.gate``, which holds no optimizer state) and the fused experts ``mlp.experts.w1|w2|w3``.
+    ``mlp.gate.gate``, which holds no optimizer state) and the fused experts ``mlp.experts.w1|w2|w3``
+    (saved as AutoEP saves them with ``ep > 1``; as dense weights without expert parallelism).
     ``dims``: a :data:`MIXTRAL` tuple."""
     h, layers, heads, kv, inter, vocab, experts = dims
     kv_dim = h // heads * kv
@@ -159,7 +163,7 @@ def mixtral(dims: Tuple[int, ...]) -> ModelLayout:
                     Entry(p + "mlp.experts.w3", (experts, inter, h), 0, expert_layer=i),
                     Entry(p + "input_layernorm.weight", (h,), 0), Entry(p + "post_attention_layernorm.weight", (h,), 0)]
     entries += [Entry("model.norm.weight", (h,), 0), Entry("lm_head.weight", (vocab, h), 0)]
-    return ModelLayout(f"mixtral-{experts}x", tuple(entries), groups=1)
+    return ModelLayout("mixtral", tuple(entries), groups=1)
 
 
 def layout(model: str, pp: int = 1) -> ModelLayout:
@@ -236,7 +240,8 @@ def synthesize(layout: ModelLayout, par: Parallel, sizes: Optional[Dict[str, int
     for stage in range(par.pp):
         for t in range(par.tp):
             mp = stage * par.tp + t
-            here = [e for e in layout.entries if e.stage == stage]
+            # without expert parallelism routed experts are ordinary weights of the module
+            here = [e if par.ep > 1 else replace(e, expert_layer=None) for e in layout.entries if e.stage == stage]
             shapes = {e.name: ep_shape(e, tp_shape(e, par.tp), par.ep) for e in here}
             # zero-element parameters hold no optimizer state and DeepSpeed leaves them out of param_shapes;
             # each group's experts follow all dense groups, as a group of their own
@@ -252,7 +257,8 @@ def synthesize(layout: ModelLayout, par: Parallel, sizes: Optional[Dict[str, int
             saved = {e.name: shape_numel(shapes[e.name]) * (e.itemsize or par.dtype.itemsize) for e in here}
             if par.pp > 1:  # a PipelineModule saves its weights in one file per layer
                 module = {}
-                estimate.update(_layer_files(here, saved, t, par))
+                estimate.update(_layer_files(here, saved, t, par, [k for k, v in layout.weightless_layers.items()
+                                                                   if v == stage]))
             else:
                 module = {e.name: shapes[e.name] for e in here if e.expert_layer is None} if par.zero_stage < 3 else {}
             lp_bytes = sum(saved[e.name] for e in here if e.name in module and not e.alias_of)  # tied: saved once
@@ -264,7 +270,8 @@ def synthesize(layout: ModelLayout, par: Parallel, sizes: Optional[Dict[str, int
                 uc_info=uc, parallel_dims={C.CHECKPOINT_PP_DEGREE: par.pp, C.CHECKPOINT_TP_DEGREE: par.tp},
                 ds_version=None, global_steps=1, skipped_steps=0, has_autoep=autoep_layers is not None,
                 autoep_layers=autoep_layers, use_data_before_expert_parallelism=par.data_before_ep,
-                dp_world_size=par.dp, mp_world_size=par.tp * par.pp)
+                dp_world_size=par.dp, mp_world_size=par.tp * par.pp,
+                tensor_bytes=sum(saved[k] for k in module))
             for d in range(par.dp if par.zero_stage == 3 else 1):
                 metas_by_name[model_name(d, mp)] = model_meta
                 estimate[model_name(d, mp)] = FILE_ALLOWANCE + lp_bytes
@@ -323,16 +330,14 @@ def _expert_files(entries: List[Entry], mp: int, par: Parallel) -> Dict[str, int
             for (layer, g), n in rows.items()}
 
 
-def _layer_files(entries: List[Entry], saved: Dict[str, int], t: int, par: Parallel) -> Dict[str, int]:
-    """The PipelineModule layer files of one stage and TP rank, with their estimated sizes: each
-    layer's weights (a tied weight in the file of the layer that first holds it)."""
-    sizes: Dict[int, int] = {}
-    seen = set()
+def _layer_files(entries: List[Entry], saved: Dict[str, int], t: int, par: Parallel, weightless: List[int]) \
+        -> Dict[str, int]:
+    """The PipelineModule layer files of one stage and TP rank with their estimated sizes: each layer's
+    weights (a tied weight only in the file of the layer that owns it; ``weightless`` layers hold none)."""
+    sizes = {layer: FILE_ALLOWANCE for layer in weightless}
     for e in entries:
-        if e.layer is None or e.name in seen:
-            continue
-        seen.add(e.name)
-        sizes[e.layer] = sizes.get(e.layer, FILE_ALLOWANCE) + (0 if e.alias_of else saved[e.name])
+        if e.layer is not None and e.alias_of is None:
+            sizes[e.layer] = sizes.get(e.layer, FILE_ALLOWANCE) + saved[e.name]
     rank = f"-model_{t:02d}" if par.tp > 1 else ""
     return {f"layer_{layer:02d}{rank}-model_states.pt": n for layer, n in sizes.items()}
 

@@ -73,13 +73,17 @@ def simulate(cfg: SimulateConfig) -> Dict[str, Any]:
     out: Dict[str, Any] = {
         "layout": cfg.simulate, "dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep, "zero_stage": cfg.zero_stage,
         "dtype": cfg.dtype, "files": len(files.sources), "input_bytes": files.total_bytes,
+        "unread_files": len(files.unread_nbytes), "unread_bytes": sum(files.unread_nbytes.values()),
         "params": len(index.params), "elements": index.total_numel, "largest_file_bytes": largest_file,
         "largest_param_bytes": largest_param, "budget_bytes": budget,
         "bandwidth_gbps": {"read": cfg.read_gbps, "write": cfg.write_gbps, "network": cfg.net_gbps}, "points": []}
     quiet = cfg.log.quiet
     if not quiet:
         print(f"{cfg.simulate}: ZeRO-{cfg.zero_stage} {cfg.dtype}, dp={cfg.dp} tp={cfg.tp} pp={cfg.pp} ep={cfg.ep}: "
-              f"{len(files.sources)} files, {files.total_bytes / GB:.1f} GB, {len(index.params)} parameters "
+              f"{len(files.sources)} files, {files.total_bytes / GB:.1f} GB"
+              + (f" (and {len(files.unread_nbytes)} layer / expert files, {out['unread_bytes'] / GB:.1f} GB, which "
+                 "only the CRC pass reads)" if files.unread_nbytes else "")
+              + f", {len(index.params)} parameters "
               f"({index.total_numel / 1e9:.2f} B elements); largest file {largest_file / GB:.2f} GB, largest "
               f"parameter {largest_param / GB:.2f} GB of states; budget {cfg.memory.budget_mb} MiB per rank")
         print(f"{'ranks':>6} {'waves':>5} {'calls':>5} {'read GB max/mean':>17} {'written GB max/mean':>20} "
