@@ -167,13 +167,13 @@ class Store:
     def resumes(self, name: str, nproc: int, args: Tuple[str, ...], ours: str, theirs: Optional[str] = None,
                 steps: int = 2) -> Dict[str, "Loaded"]:
         """Every resume of one target (``nproc`` ranks, trainer ``args`` or the checkpoint's own) in one job:
-        DeepSpeed's loader on uckpt's Universal folder ``ours`` ("ours") and uckpt's loader on it
-        ("loaded"); with ``theirs`` (DeepSpeed's conversion, or another reference folder) the same two on
-        it ("theirs", "loaded_theirs"). One job pays torchrun's and the imports' start-up once; tests of
+        DeepSpeed's loader on uckpt's Universal folder ``ours`` ("ds@ours") and uckpt's loader on it
+        ("uckpt@ours"); with ``theirs`` (DeepSpeed's conversion, or another reference folder) the same two on
+        it ("ds@theirs", "uckpt@theirs"). One job pays torchrun's and the imports' start-up once; tests of
         one target ask with the same folders, so they share it."""
-        loads = [("ours", ours, "deepspeed"), ("loaded", ours, "uckpt")]
+        loads = [("ds@ours", ours, "deepspeed"), ("uckpt@ours", ours, "uckpt")]
         if theirs is not None:
-            loads += [("theirs", theirs, "deepspeed"), ("loaded_theirs", theirs, "uckpt")]
+            loads += [("ds@theirs", theirs, "deepspeed"), ("uckpt@theirs", theirs, "uckpt")]
         variants = [{"name": label, "loader": loader, "load_dir": os.path.dirname(universal)}
                     for label, universal, loader in loads]
         return self.load_variants(name, os.path.dirname(ours), nproc, tuple(args or CKPTS[name].args), variants,

@@ -50,13 +50,13 @@ def test_resume_at_other_autoep_size(store, name, stage, ep, world):
     DeepSpeed's own conversion, and the same losses."""
     ours_u, theirs_u = store.universal_pair(name, 2)
     runs = store.resumes(name, world, ("--ep", str(ep), "--zero-stage", stage, "--dtype", "bf16"), ours_u, theirs_u)
-    theirs = runs["theirs"]
-    for label in ("ours", "loaded", "loaded_theirs"):
+    theirs = runs["ds@theirs"]
+    for label in ("ds@ours", "uckpt@ours", "uckpt@theirs"):
         assert_same_state(runs[label].state, theirs.state)
         assert runs[label].losses == theirs.losses, label
     assert EXPERT in theirs.state["params"] and theirs.state["global_steps"] == 2
     reference = store.reference_losses(name)[2:4]
-    assert runs["ours"].losses == pytest.approx(reference, rel=2e-2)
+    assert runs["ds@ours"].losses == pytest.approx(reference, rel=2e-2)
 
 
 def _convert(capsys, tag, out):

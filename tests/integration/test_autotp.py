@@ -31,13 +31,13 @@ def test_autotp_resume_at_tp1_matches_deepspeed_conversion(store):
     """Saved at TP=2 x DP=2, resumed at TP=1 x DP=2 from uckpt's and from DeepSpeed's conversion."""
     ours, theirs = store.universal_pair("tp2-dp2-z2-bf16", 2)
     runs = store.resumes("tp2-dp2-z2-bf16", 2, ("--tp", "1", "--zero-stage", "2", "--dtype", "bf16"), ours, theirs)
-    for label in ("ours", "loaded", "loaded_theirs"):
-        _same_tp_state(runs[label], runs["theirs"], min_params=11)
+    for label in ("ds@ours", "uckpt@ours", "uckpt@theirs"):
+        _same_tp_state(runs[label], runs["ds@theirs"], min_params=11)
     # at TP=1 the engine holds the full merged tensors of the Universal files
     full = load_state(ours, "model.layers.1.mlp.down_proj.weight", "fp32")["param"]
-    assert torch.equal(runs["ours"].state["params"]["model.layers.1.mlp.down_proj.weight"], full)
+    assert torch.equal(runs["ds@ours"].state["params"]["model.layers.1.mlp.down_proj.weight"], full)
     reference = store.reference_losses("tp2-dp2-z2-bf16")[2:4]
-    assert runs["ours"].losses == pytest.approx(reference, rel=2e-2)
+    assert runs["ds@ours"].losses == pytest.approx(reference, rel=2e-2)
 
 
 def _same_tp_state(ours, theirs, min_params=6):
@@ -56,8 +56,8 @@ def test_custom_module_resume_at_tp1(store):
     ours_u, theirs_u = store.universal_pair(name, 2)
     args = ("--model", "custom", "--tp", "1", "--zero-stage", "2", "--dtype", "fp32")
     runs = store.resumes(name, 2, args, ours_u, theirs_u)
-    ours, theirs = runs["ours"], runs["theirs"]
-    for label in ("ours", "loaded", "loaded_theirs"):
+    ours, theirs = runs["ds@ours"], runs["ds@theirs"]
+    for label in ("ds@ours", "uckpt@ours", "uckpt@theirs"):
         _same_tp_state(runs[label], theirs)
     full = load_state(ours_u, "blocks.0.gate_up.weight", "fp32")["param"]
     assert torch.equal(ours.state["params"]["blocks.0.gate_up.weight"], full)
@@ -72,8 +72,8 @@ def test_llama_resume_at_tp4(store):
     ours_u, theirs_u = store.universal_pair(name, 1)
     args = ("--heads", "8", "--kv-heads", "4", "--tp", "4", "--zero-stage", "1", "--dtype", "bf16")
     runs = store.resumes(name, 4, args, ours_u, theirs_u)
-    ours, theirs = runs["ours"], runs["theirs"]
-    for label in ("ours", "loaded", "loaded_theirs"):
+    ours, theirs = runs["ds@ours"], runs["ds@theirs"]
+    for label in ("ds@ours", "uckpt@ours", "uckpt@theirs"):
         _same_tp_state(runs[label], theirs)
     k = ours.state["params"]["model.layers.0.self_attn.k_proj.weight"]
     assert k.shape == (8, 64)  # a quarter of 4 kv heads x 8
@@ -89,8 +89,8 @@ def test_uneven_tp3_resume(store, tp):
     ours_u, theirs_u = store.universal_pair(name, 2)
     args = ("--model", "custom", "--tp", str(tp), "--zero-stage", "1", "--dtype", "bf16")
     runs = store.resumes(name, tp, args, ours_u, theirs_u)
-    ours, theirs = runs["ours"], runs["theirs"]
-    for label in ("ours", "loaded", "loaded_theirs"):
+    ours, theirs = runs["ds@ours"], runs["ds@theirs"]
+    for label in ("ds@ours", "uckpt@ours", "uckpt@theirs"):
         _same_tp_state(runs[label], theirs)
     reference = store.reference_losses(name)[2:]  # the saved run trained one step past the save
     assert ours.losses[:len(reference)] == pytest.approx(reference, rel=2e-2)

@@ -63,7 +63,7 @@ def test_resume_at_another_dp_size(store, loader):
     DeepSpeed's conversion of the native save, which continue the uninterrupted run's losses."""
     name = "z2-bf16-dp4"
     runs = store.resumes(name, 3, (), store.injob_universal(name), store.ds_universal(name))
-    ours, theirs = (runs["ours"], runs["theirs"]) if loader == "deepspeed" else (runs["loaded"], runs["loaded_theirs"])
+    ours, theirs = (runs["ds@ours"], runs["ds@theirs"]) if loader == "deepspeed" else (runs["uckpt@ours"], runs["uckpt@theirs"])
     assert_same_state(ours.state, theirs.state)
     assert ours.losses == theirs.losses
     assert ours.losses == pytest.approx(store.reference_losses(name)[3:5], rel=2e-2)
@@ -73,7 +73,7 @@ def test_resume_autotp_at_tp1(store):
     name = "tp2-dp2-z2-bf16"
     args = ("--tp", "1", "--zero-stage", "2", "--dtype", "bf16")
     runs = store.resumes(name, 2, args, store.injob_universal(name), store.universal_pair(name, 1)[1])
-    for ours, theirs in (("ours", "theirs"), ("loaded", "loaded_theirs")):
+    for ours, theirs in (("ds@ours", "ds@theirs"), ("uckpt@ours", "uckpt@theirs")):
         assert_same_state(runs[ours].state, runs[theirs].state)
         assert runs[ours].losses == runs[theirs].losses
 

@@ -31,7 +31,7 @@ def _assert_holds_universal(state, universal, names=None):
 def test_same_state_as_deepspeed_loader(store, name, world, source):
     runs = store.resumes(name, world, (), store.uckpt_universal(name, 2), store.ds_universal(name))
     # DeepSpeed's loader and uckpt's on one folder: uckpt's conversion, or DeepSpeed's
-    theirs, ours = (runs["ours"], runs["loaded"]) if source == "uckpt" else (runs["theirs"], runs["loaded_theirs"])
+    theirs, ours = (runs["ds@ours"], runs["uckpt@ours"]) if source == "uckpt" else (runs["ds@theirs"], runs["uckpt@theirs"])
     assert_same_state(ours.state, theirs.state)
     assert all(r["loader"] == "uckpt" and r["bytes_read"] > 0 for r in ours.loads)
     if "--zero-stage" in CKPTS[name].args and CKPTS[name].args[CKPTS[name].args.index("--zero-stage") + 1] == "3":
@@ -52,7 +52,7 @@ def test_frozen_params_and_buffers_restored(store):
     name = "z2-bf16-dp4"
     universal = store.uckpt_universal(name, 2)
     runs = store.resumes(name, 2, (*CKPTS[name].args, "--seed", "1"), universal)
-    theirs, ours = runs["ours"].state, runs["loaded"].state
+    theirs, ours = runs["ds@ours"].state, runs["uckpt@ours"].state
     for pname, value in ours["frozen"].items():
         saved = universal_value(universal, pname, "fp32").to(value.dtype)
         assert torch.equal(value, saved), pname
@@ -96,7 +96,7 @@ def test_autotp_tp2_universal_into_tp1_and_tp2(store):
     for args, world in ((("--tp", "1", "--zero-stage", "2", "--dtype", "bf16"), 2),
                         (("--tp", "2", "--zero-stage", "1", "--dtype", "bf16"), 2)):
         runs = store.resumes(name, world, args, ours_u, theirs_u)
-        for ours, theirs in (("loaded", "ours"), ("loaded_theirs", "theirs")):
+        for ours, theirs in (("uckpt@ours", "ds@ours"), ("uckpt@theirs", "ds@theirs")):
             assert_same_state(runs[ours].state, runs[theirs].state)
             assert runs[ours].losses == runs[theirs].losses
 
@@ -152,6 +152,6 @@ def test_pipeline_engine(store):
     state DeepSpeed's loader reaches."""
     runs = store.resumes("pp2-dp1", 4, ("--stages", "2"), store.uckpt_universal("pp2-dp1", 2),
                          store.ds_universal("pp2-dp1"))
-    for ours, theirs in (("loaded", "ours"), ("loaded_theirs", "theirs")):
+    for ours, theirs in (("uckpt@ours", "ds@ours"), ("uckpt@theirs", "ds@theirs")):
         assert_same_state(runs[ours].state, runs[theirs].state)
         assert runs[ours].losses == runs[theirs].losses

@@ -19,9 +19,9 @@ RESUMES = [
 def test_resume_matches_deepspeed_conversion(store, name, world, args):
     ours = store.uckpt_universal(name, 2)
     runs = store.resumes(name, world, args, ours, store.ds_universal(name))
-    state_ours, losses_ours = runs["ours"].state, runs["ours"].losses
-    assert_same_state(state_ours, runs["theirs"].state)
-    assert losses_ours == runs["theirs"].losses
+    state_ours, losses_ours = runs["ds@ours"].state, runs["ds@ours"].losses
+    assert_same_state(state_ours, runs["ds@theirs"].state)
+    assert losses_ours == runs["ds@theirs"].losses
     # what the engine holds is what the Universal files hold
     for key, state in (("params", "fp32"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
         for pname, value in state_ours[key].items():
@@ -54,5 +54,5 @@ def test_pipeline_tied_across_stages_with_dp(store):
 def test_pipeline_resume_matches_deepspeed_conversion(store):
     runs = store.resumes("pp2-dp1", 4, ("--stages", "2"), store.uckpt_universal("pp2-dp1", 2),
                          store.ds_universal("pp2-dp1"))
-    assert_same_state(runs["ours"].state, runs["theirs"].state)
-    assert runs["ours"].losses == runs["theirs"].losses
+    assert_same_state(runs["ds@ours"].state, runs["ds@theirs"].state)
+    assert runs["ds@ours"].losses == runs["ds@theirs"].losses
