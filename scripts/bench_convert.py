@@ -208,13 +208,29 @@ def tools_for(case: str, tag: str, reference: str):
     return tools
 
 
+def check_space(case: str, tag: str, work: str, writers, repeat: int):
+    """Every run's output stays until the case ends (see settle()): refuse up front, in one line, when
+    they would not fit, instead of failing midway with ENOSPC. Each writer leaves about the input's size
+    (uckpt 1.03x); DeepSpeed leaves its temp files too (1.9x), counted as one more writer, and the
+    untimed reference conversion one more."""
+    need = 1.05 * folder_bytes(tag) * (repeat * (len(writers) + 1) + 1)
+    at = work
+    while not os.path.exists(at):
+        at = os.path.dirname(at)
+    free = shutil.disk_usage(at).free
+    if need > free:
+        sys.exit(f"bench_convert: case {case} keeps every run's output until it ends, about {need / 1e9:.0f} GB for "
+                 f"--repeat {repeat}, and {at} has {free / 1e9:.0f} GB free -- use a smaller --repeat or free space")
+
+
 def run_case(case: str, tag: str, work: str, repeat: int, cold: bool):
     """Every tool ``repeat`` times, alternating; returns the case's results."""
     case_dir = os.path.join(work, case)
     reference = os.path.join(case_dir, "reference", "universal")  # untimed: the copy floor writes its file sizes
+    tools = tools_for(case, tag, reference)
+    check_space(case, tag, work, [t for t in tools if t != "torchrun-2-startup"], repeat)
     if case in LARGE and not os.path.exists(reference):
         runner.uckpt_convert(1, tag, reference, "--inject_missing_state", "--quiet")
-    tools = tools_for(case, tag, reference)
     names = list(tools)
     outputs = lambda tool, i: os.path.join(case_dir, f"{tool}-{i}", "universal")  # noqa: E731
     runs = {t: [] for t in tools}
