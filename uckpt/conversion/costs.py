@@ -116,7 +116,7 @@ def rank_costs(index: CheckpointIndex, plan: ConvertPlan, verify_crc: bool = Tru
             rows[plan.readers[s.index]].crc_bytes += s.nbytes
     if verify_crc:
         for row in rows:
-            row.crc_bytes += sum(index.files.unread_nbytes[path] for path in index.files.unread_share(row.rank, world))
+            row.crc_bytes += sum(index.files.unread_nbytes(path) for path in index.files.unread_share(row.rank, world))
     for s, writer in plan.copy_writers.items():
         rows[writer].read_bytes += sources[s].nbytes
         rows[writer].written_bytes += _model_file_written(index, s)

@@ -46,12 +46,19 @@ class CheckpointFiles:
     optim_prefix: str
     expert_files: List[str] = field(default_factory=list)
     layer_files: List[str] = field(default_factory=list)
-    unread_nbytes: Dict[str, int] = field(default_factory=dict)  # sizes of the expert and layer files
+    # sizes of the expert and layer files where the caller knew them (a simulated layout); the others
+    # are asked of the file system only when wanted (a conversion never does: it reads them whole)
+    known_nbytes: Dict[str, int] = field(default_factory=dict)
 
     def unread_share(self, rank: int, world: int) -> List[str]:
         """The files no conversion reads for their content (pipeline layer and per-expert files) whose
         bytes rank ``rank`` of ``world`` checks against their CRC-32: every ``world``-th, by name."""
         return sorted(self.layer_files + self.expert_files)[rank::world]
+
+    def unread_nbytes(self, path: str) -> int:
+        """Size of one of those files (:meth:`unread_share`)."""
+        known = self.known_nbytes.get(path)
+        return os.path.getsize(path) if known is None else known
 
     def model_sources(self) -> List[Source]:
         return [s for s in self.sources if s.kind is SourceKind.MODEL]
@@ -160,4 +167,4 @@ def classify(folder: str, sizes: Dict[str, Optional[int]]) -> CheckpointFiles:
         if s.nbytes == 0:
             raise CheckpointError("is empty (0 bytes)", s.path, "the save was interrupted; use an earlier checkpoint tag")
     return CheckpointFiles(folder, family, sources, prefixes.pop(), experts, layers,
-                           {path: size(path) for path in experts + layers})
+                           {p: n for p in experts + layers if (n := sizes[os.path.basename(p)]) is not None})

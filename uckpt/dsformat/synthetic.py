@@ -322,7 +322,7 @@ def _expert_files(entries: List[Entry], mp: int, par: Parallel) -> Dict[str, int
     weights) with their estimated sizes. The conversion reads none of them; it checks they exist."""
     rows: Dict[Tuple[int, int], int] = {}
     for e in entries:
-        if e.expert_layer is not None and par.ep > 1:
+        if e.expert_layer is not None:  # only with ep > 1: synthesize() clears it otherwise
             for g in range(e.shape[0]):
                 key = (e.expert_layer, g)
                 rows[key] = rows.get(key, FILE_ALLOWANCE) + shape_numel(e.shape[1:]) * par.dtype.itemsize

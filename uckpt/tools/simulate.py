@@ -64,6 +64,7 @@ def simulate(cfg: SimulateConfig) -> Dict[str, Any]:
     bw = Bandwidth(cfg.read_gbps * GB, cfg.write_gbps * GB, cfg.net_gbps * GB)
     budget = int(cfg.memory.budget_mb) << 20
     largest_file = max(s.nbytes for s in files.sources)
+    unread = files.unread_share(0, 1)  # the layer and per-expert files
     largest_param = param_bytes(max(p.numel for p in index.params))
     # the indivisible pieces of work (bytes in and out of one rank), one of which bounds the busiest rank
     copies = [files.sources[i].nbytes for i in index.copy_sources]
@@ -73,7 +74,7 @@ def simulate(cfg: SimulateConfig) -> Dict[str, Any]:
     out: Dict[str, Any] = {
         "layout": cfg.simulate, "dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep, "zero_stage": cfg.zero_stage,
         "dtype": cfg.dtype, "files": len(files.sources), "input_bytes": files.total_bytes,
-        "unread_files": len(files.unread_nbytes), "unread_bytes": sum(files.unread_nbytes.values()),
+        "unread_files": len(unread), "unread_bytes": sum(map(files.unread_nbytes, unread)),
         "params": len(index.params), "elements": index.total_numel, "largest_file_bytes": largest_file,
         "largest_param_bytes": largest_param, "budget_bytes": budget,
         "bandwidth_gbps": {"read": cfg.read_gbps, "write": cfg.write_gbps, "network": cfg.net_gbps}, "points": []}
@@ -81,8 +82,8 @@ def simulate(cfg: SimulateConfig) -> Dict[str, Any]:
     if not quiet:
         print(f"{cfg.simulate}: ZeRO-{cfg.zero_stage} {cfg.dtype}, dp={cfg.dp} tp={cfg.tp} pp={cfg.pp} ep={cfg.ep}: "
               f"{len(files.sources)} files, {files.total_bytes / GB:.1f} GB"
-              + (f" (and {len(files.unread_nbytes)} layer / expert files, {out['unread_bytes'] / GB:.1f} GB, which "
-                 "only the CRC pass reads)" if files.unread_nbytes else "")
+              + (f" (and {len(unread)} layer / expert files, {out['unread_bytes'] / GB:.1f} GB, which "
+                 "only the CRC pass reads)" if unread else "")
               + f", {len(index.params)} parameters "
               f"({index.total_numel / 1e9:.2f} B elements); largest file {largest_file / GB:.2f} GB, largest "
               f"parameter {largest_param / GB:.2f} GB of states; budget {cfg.memory.budget_mb} MiB per rank")
